@@ -1,0 +1,31 @@
+# Quick start: `make demo` runs the embedded default, `make test` runs the suite.
+# Both create .venv on first use and install the tested versions from constraints.txt;
+# later runs skip the install unless pyproject.toml or constraints.txt changed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: install test demo bench clean
+
+install: $(INSTALLED)
+
+$(INSTALLED): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
+	@touch $@
+
+test: $(INSTALLED)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: $(INSTALLED)
+	$(VENV)/bin/scalecert demo
+
+bench: $(INSTALLED)
+	$(PY) bench/bench_certify.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info
