@@ -1,0 +1,58 @@
+"""Baseline defenses behind the same predictor interface as ScaleCert.
+
+``OcclusionPredictor`` is Minority Reports certified detection with PatchCleanser-style masks:
+the unpruned model classifies the image with each window's pixels overwritten by a constant.
+Nothing can be skipped (every window changes the input), so every mask is evaluated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from scalecert.models.base import StagedClassifier
+
+
+@dataclass(frozen=True)
+class Images:
+    """The prepared state of the baseline is the images themselves."""
+
+    pixels: torch.Tensor  # B x 3 x H x W in [0, 1]
+
+    def __len__(self) -> int:
+        return self.pixels.shape[0]
+
+
+def box_masks(boxes: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
+    """``n x 1 x H x W`` bool: True inside each (top, left, bottom, right) box."""
+    height, width = image_hw
+    rows = torch.arange(height, device=boxes.device)
+    cols = torch.arange(width, device=boxes.device)
+    top, left, bottom, right = (boxes[:, i, None] for i in range(4))
+    in_rows = (rows[None] >= top) & (rows[None] < bottom)
+    in_cols = (cols[None] >= left) & (cols[None] < right)
+    return (in_rows[:, :, None] & in_cols[:, None, :])[:, None]
+
+
+class OcclusionPredictor:
+    """Predictions of the unpruned model on images with a window's pixels occluded."""
+
+    def __init__(self, model: StagedClassifier, occlusion_value: float = 0.0) -> None:
+        self.model = model
+        self.occlusion_value = occlusion_value
+
+    def prepare(self, images: torch.Tensor) -> Images:
+        return Images(pixels=images)
+
+    def needs_evaluation(self, batch: Images, boxes: torch.Tensor) -> torch.Tensor:
+        return torch.ones(len(batch), boxes.shape[0], dtype=torch.bool)
+
+    def logits(
+        self, batch: Images, image_index: torch.Tensor, boxes: torch.Tensor
+    ) -> torch.Tensor:
+        pixels = batch.pixels[image_index]
+        masks = box_masks(boxes.to(pixels.device), pixels.shape[2:])
+        value = torch.tensor(self.occlusion_value, dtype=pixels.dtype, device=pixels.device)
+        occluded = torch.where(masks, value, pixels)
+        return self.model(occluded.contiguous(memory_format=torch.channels_last))

@@ -1,0 +1,292 @@
+"""Stage 3, detection and certification (the paper's Algorithms 1 and 2), batched.
+
+certified(x, y) iff M(x) = y and F(x, m) = y for every window m of the family, each computed
+prediction beating its runner-up logit by at least ``margin``. Then, for any x' equal to x
+outside one p x p square, ``detect(x')`` is y or ALERT: the r x r block of windows containing
+the square sees exactly the features it saw on x, so it predicts y, and either M(x') = y or
+that block outvotes it. The pairs (image, window) of many images share g's batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from scalecert.baselines import OcclusionPredictor
+from scalecert.config import CertConfig
+from scalecert.masks import MaskFamily
+from scalecert.models.base import StagedClassifier
+from scalecert.occlusion import EMPTY_BOX, MaskedPredictor, SinPredictor
+
+ALERT = -1
+NO_BOX = (-1, -1, -1, -1)
+
+
+@dataclass(frozen=True)
+class DetectResult:
+    """Detection on N images. ``output`` is the label or -1 (ALERT)."""
+
+    output: torch.Tensor  # N int64
+    prediction: torch.Tensor  # N int64, M(z)
+    alert_box: torch.Tensor  # N x 4 int64, (top, left, bottom, right); -1 rows: no box
+    recovered_prediction: torch.Tensor  # N int64, -1 where none (not an alert with a box)
+    mask_predictions: torch.Tensor  # N x n_masks int64 (skipped masks: M(z))
+    n_evaluated: torch.Tensor  # N int64, masks that needed a run of g
+
+
+@dataclass(frozen=True)
+class CertifyResult:
+    """Certificates of N labelled images, and detection on the same (clean) images."""
+
+    prediction: torch.Tensor  # N int64, M(x): the defended (pruned) model's prediction
+    vanilla_prediction: torch.Tensor  # N int64, the undefended model's prediction
+    certified: torch.Tensor  # N bool
+    n_masks: torch.Tensor  # N int64
+    n_evaluated: torch.Tensor  # N int64
+    min_margin: torch.Tensor  # N float32: min over computed predictions of logit[y] - max other
+    mask_predictions: torch.Tensor  # N x n_masks int64
+    clean_output: torch.Tensor  # N int64: detect(x), the label or -1 (ALERT)
+    alert_box: torch.Tensor  # N x 4 int64, -1 rows where detect(x) raised no located alert
+    recovered_prediction: torch.Tensor  # N int64, -1 where none
+
+
+def locate_block(base: int, grid: torch.Tensor, r: int) -> tuple[int, int] | None:
+    """Top-left grid index of the first r x r block (row-major) whose masks all predict the
+    same class other than ``base``, or None."""
+    rows, cols = grid.shape
+    for i in range(rows - r + 1):
+        for j in range(cols - r + 1):
+            block = grid[i:i + r, j:j + r]
+            first = int(block[0, 0])
+            if first != base and bool((block == first).all()):
+                return i, j
+    return None
+
+
+def detect_outcome(
+    base: int, mask_predictions: torch.Tensor, family: MaskFamily
+) -> tuple[int, tuple[int, int] | None]:
+    """Algorithm 1 on one image's predictions: (output, located block or None)."""
+    if bool((mask_predictions == base).all()):
+        return base, None
+    block = locate_block(base, mask_predictions.view(family.grid_shape), family.r)
+    if block is not None:
+        return ALERT, block
+    disagreeing = int((mask_predictions != base).sum())
+    if 2 * disagreeing > mask_predictions.numel():
+        return ALERT, None
+    return base, None
+
+
+def _margins(logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """logit[label] - max other logit, or top-1 minus top-2 without labels."""
+    if labels is None:
+        top2 = logits.topk(2, dim=1).values
+        return top2[:, 0] - top2[:, 1]
+    own = logits.gather(1, labels[:, None])[:, 0]
+    others = logits.scatter(1, labels[:, None], float("-inf"))
+    return own - others.max(dim=1).values
+
+
+@dataclass(frozen=True)
+class _Evaluation:
+    base: torch.Tensor  # N, M(x)
+    mask_predictions: torch.Tensor  # N x n_masks
+    n_evaluated: torch.Tensor  # N
+    min_margin: torch.Tensor  # N
+    output: torch.Tensor
+    alert_box: torch.Tensor
+    recovered: torch.Tensor
+
+
+class Certifier:
+    """Certifies and detects with one model and one :class:`CertConfig`.
+
+    ``batch_size`` is the number of (image, window) pairs per run of g; ``image_chunk`` bounds
+    how many images' stem features are held at once. The model itself is moved to ``device``,
+    converted to channels_last and put in eval mode.
+    """
+
+    def __init__(
+        self,
+        model: StagedClassifier,
+        config: CertConfig,
+        device: str | torch.device = "cpu",
+        batch_size: int = 256,
+        image_chunk: int = 64,
+    ) -> None:
+        if batch_size < 1 or image_chunk < 1:
+            raise ValueError("batch_size and image_chunk must be >= 1")
+        self.config = config
+        self.device = torch.device(device)
+        # channels_last: about 1.8x faster convolutions on CPU (measured), and the GPU default
+        self.model = model.to(self.device, memory_format=torch.channels_last).eval()
+        self.batch_size = batch_size
+        self.image_chunk = image_chunk
+        self.predictor: MaskedPredictor
+        if config.method == "scalecert":
+            self.predictor = SinPredictor(self.model, config.top_k, config.layer)
+        else:
+            self.model.split(config.layer)  # refuse an unknown layer for every method
+            self.predictor = OcclusionPredictor(self.model, config.occlusion_value)
+
+    def mask_family(self, height: int, width: int | None = None) -> MaskFamily:
+        cfg = self.config
+        return MaskFamily.build(
+            (height, height if width is None else width), cfg.patch_px, cfg.r,
+            mask_stride=cfg.mask_stride, masks_per_axis=cfg.masks_per_axis,
+        )
+
+    def mask_boxes(self, height: int, width: int | None = None) -> torch.Tensor:
+        """``n_masks x 4`` (top, left, bottom, right) windows, in ``mask_predictions`` order."""
+        return self.mask_family(height, width).boxes()
+
+    @torch.inference_mode()
+    def certify(self, images: torch.Tensor, labels: torch.Tensor) -> CertifyResult:
+        """Certificates for labelled images (``N x 3 x H x W`` floats in [0, 1], ``N`` ints)."""
+        self._check_images(images)
+        labels = self._check_labels(labels, len(images))
+        evaluation = self._evaluate(images, labels)
+        if self.config.method == "scalecert":
+            vanilla = self._vanilla(images)
+        else:
+            vanilla = evaluation.base
+        n = len(images)
+        return CertifyResult(
+            prediction=evaluation.base,
+            vanilla_prediction=vanilla,
+            certified=evaluation.min_margin >= self.config.margin,
+            n_masks=torch.full((n,), evaluation.mask_predictions.shape[1], dtype=torch.int64),
+            n_evaluated=evaluation.n_evaluated,
+            min_margin=evaluation.min_margin,
+            mask_predictions=evaluation.mask_predictions,
+            clean_output=evaluation.output,
+            alert_box=evaluation.alert_box,
+            recovered_prediction=evaluation.recovered,
+        )
+
+    @torch.inference_mode()
+    def detect(self, images: torch.Tensor) -> DetectResult:
+        """Algorithm 1 on possibly patched images: the label, or -1 (ALERT) with a location."""
+        self._check_images(images)
+        evaluation = self._evaluate(images, None)
+        return DetectResult(
+            output=evaluation.output,
+            prediction=evaluation.base,
+            alert_box=evaluation.alert_box,
+            recovered_prediction=evaluation.recovered,
+            mask_predictions=evaluation.mask_predictions,
+            n_evaluated=evaluation.n_evaluated,
+        )
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _evaluate(self, images: torch.Tensor, labels: torch.Tensor | None) -> _Evaluation:
+        family = self.mask_family(images.shape[2], images.shape[3])
+        parts = [
+            self._evaluate_chunk(
+                images[start:start + self.image_chunk],
+                None if labels is None else labels[start:start + self.image_chunk],
+                family,
+            )
+            for start in range(0, len(images), self.image_chunk)
+        ]
+        return _Evaluation(*(
+            torch.cat([getattr(part, field.name) for part in parts])
+            for field in fields(_Evaluation)
+        ))
+
+    def _evaluate_chunk(
+        self, images: torch.Tensor, labels: torch.Tensor | None, family: MaskFamily
+    ) -> _Evaluation:
+        boxes = family.boxes()
+        n_images, n_masks = len(images), family.n_masks
+        batch = self.predictor.prepare(images.to(self.device))
+        needed = self.predictor.needs_evaluation(batch, boxes).cpu()
+
+        # Pairs (image, box): the first n_images are M(x) (empty box), then the needed windows.
+        image_of, mask_of = needed.nonzero(as_tuple=True)
+        image_index = torch.cat([torch.arange(n_images), image_of])
+        pair_boxes = torch.cat([torch.tensor([EMPTY_BOX]).expand(n_images, 4), boxes[mask_of]])
+        predictions, margins = self._run_pairs(batch, image_index, pair_boxes, labels)
+
+        base = predictions[:n_images]
+        mask_predictions = base[:, None].repeat(1, n_masks)
+        mask_predictions[image_of, mask_of] = predictions[n_images:]
+        min_margin = margins[:n_images].clone()
+        min_margin.scatter_reduce_(0, image_of, margins[n_images:], reduce="amin")
+        n_evaluated = needed.sum(dim=1)
+
+        output = base.clone()
+        alert_box = torch.tensor([NO_BOX]).repeat(n_images, 1)
+        located: list[int] = []
+        for i in range(n_images):
+            output[i], block = detect_outcome(int(base[i]), mask_predictions[i], family)
+            if block is not None:
+                alert_box[i] = torch.tensor(family.block_box(*block))
+                located.append(i)
+        recovered = torch.full((n_images,), ALERT, dtype=torch.int64)
+        if located:
+            index = torch.tensor(located)
+            recovered[index], _ = self._run_pairs(batch, index, alert_box[index], None)
+        return _Evaluation(base, mask_predictions, n_evaluated, min_margin, output, alert_box,
+                           recovered)
+
+    def _run_pairs(
+        self,
+        batch: object,
+        image_index: torch.Tensor,
+        boxes: torch.Tensor,
+        labels: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predictions and margins of F(x_i, box_i), ``batch_size`` pairs per run of g."""
+        predictions, margins = [], []
+        for start in range(0, len(image_index), self.batch_size):
+            index = image_index[start:start + self.batch_size]
+            logits = self.predictor.logits(
+                batch, index.to(self.device), boxes[start:start + self.batch_size]
+            ).float().cpu()
+            predictions.append(logits.argmax(dim=1))
+            margins.append(_margins(logits, None if labels is None else labels[index]))
+        if not predictions:
+            return torch.zeros(0, dtype=torch.int64), torch.zeros(0)
+        return torch.cat(predictions), torch.cat(margins)
+
+    def _vanilla(self, images: torch.Tensor) -> torch.Tensor:
+        outputs = [
+            self.model(images[start:start + self.batch_size].to(self.device)).argmax(dim=1).cpu()
+            for start in range(0, len(images), self.batch_size)
+        ]
+        return torch.cat(outputs)
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        if not isinstance(images, torch.Tensor):
+            raise ValueError(f"images: expected a torch.Tensor, got {type(images).__name__}")
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images: expected shape N x 3 x H x W, got {tuple(images.shape)}")
+        if not images.is_floating_point():
+            raise ValueError(f"images: expected floats in [0, 1], got dtype {images.dtype}")
+        if len(images) == 0:
+            raise ValueError("images: the batch is empty")
+        low, high = float(images.min()), float(images.max())
+        if not (0.0 <= low and high <= 1.0):  # also false for NaN
+            raise ValueError(f"images: values must lie in [0, 1], got [{low}, {high}]")
+        height, width = images.shape[2:]
+        if self.config.patch_px > min(height, width):
+            raise ValueError(
+                f"patch_px: a {self.config.patch_px} px patch is larger than the images "
+                f"({height}x{width})"
+            )
+
+    def _check_labels(self, labels: torch.Tensor, count: int) -> torch.Tensor:
+        labels = torch.as_tensor(labels)
+        if labels.dim() != 1 or len(labels) != count:
+            raise ValueError(f"labels: expected {count} labels, got shape {tuple(labels.shape)}")
+        if labels.is_floating_point() or labels.dtype == torch.bool:
+            raise ValueError(f"labels: expected integers, got dtype {labels.dtype}")
+        labels = labels.to(torch.int64).cpu()
+        num_classes = self.model.num_classes
+        if bool(((labels < 0) | (labels >= num_classes)).any()):
+            raise ValueError(f"labels: values must lie in [0, {num_classes}), got {labels.tolist()[:10]}")
+        return labels

@@ -1,0 +1,98 @@
+"""Certification configuration: validated once, frozen, serialisable for run fingerprints."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+METHODS = ("scalecert", "masking")
+DEFAULT_MASKS_PER_AXIS = 6
+
+
+@dataclass(frozen=True)
+class CertConfig:
+    """What to certify and how.
+
+    patch_px: side of the square adversarial patch, in pixels of the preprocessed image.
+    top_k: fraction of superficial-layer positions kept by SIN pruning, in (0, 1].
+    masks_per_axis / mask_stride: the mask grid, given either way (not both); neither means
+        6 masks per axis. With masks_per_axis the stride is the smallest that covers the image.
+    r: coverage; every patch position lies inside an r x r block of masks.
+    method: "scalecert" (SIN-pruned model, feature masks) or "masking" (Minority Reports
+        certified detection: unpruned model, pixel occlusion, no skipping).
+    layer: superficial layer to split at (None: the model's default, after the first ReLU).
+    margin: every computed prediction must beat its runner-up logit by this much to count
+        towards a certificate, so float differences between batch compositions cannot flip it.
+    occlusion_value: pixel value written into masked windows by the `masking` method.
+    """
+
+    patch_px: int
+    top_k: float = 0.15
+    masks_per_axis: int | None = None
+    mask_stride: int | None = None
+    r: int = 1
+    method: str = "scalecert"
+    layer: str | None = None
+    margin: float = 1e-3
+    occlusion_value: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_int("patch_px", self.patch_px, minimum=1)
+        _check_int("r", self.r, minimum=1)
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, float)):
+            raise ValueError(f"top_k: must be a number in (0, 1], got {self.top_k!r}")
+        if not (0.0 < float(self.top_k) <= 1.0):
+            raise ValueError(f"top_k: must be in (0, 1], got {self.top_k!r}")
+        if self.masks_per_axis is not None and self.mask_stride is not None:
+            raise ValueError(
+                "masks_per_axis, mask_stride: give one of them, not both "
+                f"(got masks_per_axis={self.masks_per_axis}, mask_stride={self.mask_stride})"
+            )
+        if self.masks_per_axis is None and self.mask_stride is None:
+            object.__setattr__(self, "masks_per_axis", DEFAULT_MASKS_PER_AXIS)
+        if self.masks_per_axis is not None:
+            _check_int("masks_per_axis", self.masks_per_axis, minimum=self.r)
+        if self.mask_stride is not None:
+            _check_int("mask_stride", self.mask_stride, minimum=1)
+        if self.method not in METHODS:
+            raise ValueError(f"method: unknown method {self.method!r}; choose one of {METHODS}")
+        if self.layer is not None and (not isinstance(self.layer, str) or not self.layer):
+            raise ValueError(f"layer: must be a layer name or None, got {self.layer!r}")
+        if not _finite_number(self.margin) or self.margin <= 0:
+            raise ValueError(f"margin: must be a finite number > 0, got {self.margin!r}")
+        if not _finite_number(self.occlusion_value) or not 0.0 <= self.occlusion_value <= 1.0:
+            raise ValueError(
+                f"occlusion_value: must be a pixel value in [0, 1], got {self.occlusion_value!r}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        """Canonical JSON (sorted keys): stable input for run fingerprints."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "CertConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown CertConfig field(s): {', '.join(unknown)}")
+        return cls(**values)
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name}: must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name}: must be >= {minimum}, got {value}")
+
+
+def _finite_number(value: Any) -> bool:
+    return (
+        not isinstance(value, bool)
+        and isinstance(value, (int, float))
+        and math.isfinite(value)
+    )

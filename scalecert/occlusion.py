@@ -1,0 +1,120 @@
+"""Stage 2, occluding prediction: F(x, m) for many (image, window) pairs in shared batches.
+
+``SinPredictor`` computes ``F(x, m) = g(A * 1[keep_m])`` from the stem features A of the
+unmasked image: the stem runs once per image, each window costs one top-k and one run of g.
+Windows whose footprint misses the image's SIN set need no run at all (the skip lemma).
+A predictor is the interface the detection/certification stage drives; the `masking`
+baseline (in :mod:`scalecert.baselines`) implements the same one with pixel occlusion.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from scalecert.geometry import Footprints
+from scalecert.models.base import StagedClassifier
+from scalecert.sin import keep_count, keep_positions, prune, selection_order, sin_scores
+
+EMPTY_BOX = (0, 0, 0, 0)
+
+
+class PreparedBatch(Protocol):
+    """Per-image state a predictor computes once (stem features, or the images themselves)."""
+
+    def __len__(self) -> int: ...
+
+
+class MaskedPredictor(Protocol):
+    """Predictions of a defended model under windows, for pairs of (image, box)."""
+
+    def prepare(self, images: torch.Tensor) -> PreparedBatch:
+        """Per-image work done once: ``images`` is ``B x 3 x H x W`` in [0, 1] on the device."""
+        ...
+
+    def needs_evaluation(self, batch: PreparedBatch, boxes: torch.Tensor) -> torch.Tensor:
+        """``B x M`` bool: False where F(x, box) provably equals the unmasked prediction."""
+        ...
+
+    def logits(
+        self, batch: PreparedBatch, image_index: torch.Tensor, boxes: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits of F(x_i, box_i) for each pair; an empty box means no mask."""
+        ...
+
+
+@dataclass(frozen=True)
+class StemFeatures:
+    """Stem output of a batch and its SIN selection: everything F(x, m) needs."""
+
+    features: torch.Tensor  # B x C x h x w, the stem output A
+    order: torch.Tensor  # B x P, selection order of positions
+    keep: torch.Tensor  # B x P, keep_empty
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+
+class SinPredictor:
+    """F(x, m) for the SIN-pruned model split at ``layer``.
+
+    The stem always runs on batches of exactly ``stem_batch`` images (the last one padded with
+    zeros) in channels_last: one input shape keeps its kernels and their summation order fixed,
+    so an image's features outside a window's footprint are bit-for-bit the same whatever
+    pixels sit inside the window and whatever images share its batch. The soundness argument
+    needs equality, not closeness: a near-tie in the top-k could otherwise flip.
+    """
+
+    def __init__(
+        self, model: StagedClassifier, top_k: float, layer: str | None = None, stem_batch: int = 16
+    ) -> None:
+        split = model.split(layer)
+        self.layer = split.layer
+        self.stem = split.stem
+        self.head = split.head
+        self.geometry = split.geometry
+        self.top_k = top_k
+        self.stem_batch = stem_batch
+        self._footprints: dict[tuple[int, int], Footprints] = {}  # per feature-map size
+
+    def stem_features(self, images: torch.Tensor) -> torch.Tensor:
+        """A = f(x) for ``B x 3 x H x W`` images, in fixed-shape batches (see the class doc)."""
+        parts = []
+        for start in range(0, len(images), self.stem_batch):
+            chunk = images[start:start + self.stem_batch]
+            padded = chunk.new_zeros((self.stem_batch, *chunk.shape[1:]))
+            padded[:len(chunk)] = chunk
+            features = self.stem(padded.contiguous(memory_format=torch.channels_last))
+            parts.append(features[:len(chunk)])
+        return torch.cat(parts)
+
+    def prepare(self, images: torch.Tensor) -> StemFeatures:
+        features = self.stem_features(images)
+        order = selection_order(sin_scores(features))
+        k = keep_count(self.top_k, features.shape[2:])
+        keep = keep_positions(order, torch.zeros_like(order, dtype=torch.bool), k)
+        return StemFeatures(features=features, order=order, keep=keep)
+
+    def footprints(self, feature_hw: tuple[int, int], boxes: torch.Tensor) -> torch.Tensor:
+        """``n x P`` boolean footprints (on the CPU) of pixel boxes on a ``feature_hw`` map."""
+        key = (int(feature_hw[0]), int(feature_hw[1]))
+        if key not in self._footprints:
+            self._footprints[key] = Footprints(self.geometry, key)
+        return self._footprints[key](boxes)
+
+    def needs_evaluation(self, batch: StemFeatures, boxes: torch.Tensor) -> torch.Tensor:
+        feet = self.footprints(batch.features.shape[2:], boxes).to(batch.keep.device)
+        hits = batch.keep.to(torch.float32) @ feet.to(torch.float32).T
+        return hits > 0
+
+    def logits(
+        self, batch: StemFeatures, image_index: torch.Tensor, boxes: torch.Tensor
+    ) -> torch.Tensor:
+        feature_hw = batch.features.shape[2:]
+        excluded = self.footprints(feature_hw, boxes).to(batch.order.device)
+        k = keep_count(self.top_k, feature_hw)
+        keep = keep_positions(batch.order[image_index], excluded, k)
+        pruned = prune(batch.features[image_index], keep)
+        return self.head(pruned.contiguous(memory_format=torch.channels_last))

@@ -1,0 +1,253 @@
+"""Certification and detection semantics on small models (no shared data needed)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scalecert import ALERT, CertConfig, Certifier, create_model
+from scalecert.baselines import box_masks
+from scalecert.certify import detect_outcome
+from scalecert.masks import MaskFamily
+from scalecert.occlusion import EMPTY_BOX, SinPredictor
+from scalecert.sin import keep_count, keep_positions
+
+
+def randomised(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Random weights and batch-norm statistics, so predictions vary between images."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.copy_(torch.randn(module.num_features, generator=generator) * 0.1)
+            module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+            module.weight.data.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+            module.bias.data.copy_(torch.randn(module.num_features, generator=generator) * 0.2)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    smooth = torch.nn.functional.interpolate(torch.rand(12, 3, 8, 8, generator=generator), size=32,
+                                             mode="bilinear", align_corners=False)
+    return (0.7 * smooth + 0.3 * torch.rand(12, 3, 32, 32, generator=generator)).clamp(0, 1)
+
+
+@pytest.fixture(scope="module")
+def model(images) -> torch.nn.Module:
+    """A random ResNet-20 whose classifier is standardised on the test images, so that its
+    predictions differ between images and under masks (a plain random net predicts one class)."""
+    torch.manual_seed(0)
+    net = randomised(create_model("cifar_resnet20"), seed=0)
+    with torch.no_grad():
+        pooled = images
+        for name, stage in net.stages()[:-1]:  # everything before the classifier
+            pooled = stage(pooled)
+        mean, std = pooled.mean(dim=0), pooled.std(dim=0) + 1e-6
+        weight = torch.randn(10, pooled.shape[1], generator=torch.Generator().manual_seed(3)) / std
+        net.linear.weight.copy_(weight)
+        net.linear.bias.copy_(-weight @ mean)
+        assert len(set(net(images).argmax(dim=1).tolist())) >= 4
+    return net
+
+
+def all_mask_logits(predictor: SinPredictor, images: torch.Tensor, boxes: torch.Tensor):
+    """F(x, m) for every image and every window, with no skipping."""
+    batch = predictor.prepare(images)
+    n, m = len(images), len(boxes)
+    index = torch.arange(n).repeat_interleave(m)
+    return batch, predictor.logits(batch, index, boxes.repeat(n, 1)).view(n, m, -1)
+
+
+def test_skipped_masks_give_what_computing_them_gives(model, images) -> None:
+    predictor = SinPredictor(model, top_k=0.05)
+    boxes = MaskFamily.build((32, 32), 2, masks_per_axis=8).boxes()
+    batch, logits = all_mask_logits(predictor, images, boxes)
+    needed = predictor.needs_evaluation(batch, boxes)
+    assert 0 < int((~needed).sum()) < needed.numel()  # some windows skipped, not all
+    base = predictor.logits(batch, torch.arange(len(images)), torch.tensor([EMPTY_BOX] * len(images)))
+    k = keep_count(0.05, batch.features.shape[2:])
+    feet = predictor.footprints(batch.features.shape[2:], boxes)
+    for i, j in (~needed).nonzero().tolist():
+        keep = keep_positions(batch.order[i:i + 1], feet[j:j + 1], k)
+        assert torch.equal(keep, batch.keep[i:i + 1])
+        assert torch.allclose(logits[i, j], base[i], atol=1e-5)
+        assert int(logits[i, j].argmax()) == int(base[i].argmax())
+
+
+def test_stem_features_do_not_depend_on_batch_company(model, images) -> None:
+    """An image's stem output outside a window's footprint is bit-for-bit the same when the
+    window's pixels change, the image moves within its batch, and its batch-mates change."""
+    predictor = SinPredictor(model, top_k=0.15, stem_batch=8)
+    box = (10, 4, 19, 13)
+    patched = images.clone()
+    patched[:, :, 10:19, 4:13] = 1.0
+    clean = predictor.stem_features(images[:5])[3]
+    moved = predictor.stem_features(torch.cat([patched[6:11], patched[3:4]]))[5]
+    alone = predictor.stem_features(patched[3:4])[0]
+    outside = ~predictor.footprints((32, 32), torch.tensor([box]))[0].view(32, 32)
+    assert torch.equal(clean[:, outside], moved[:, outside])
+    assert torch.equal(clean[:, outside], alone[:, outside])
+    assert not torch.equal(clean[:, ~outside], moved[:, ~outside])
+
+
+def test_prediction_under_a_mask_ignores_the_pixels_inside_it(model, images) -> None:
+    """F(x, m) = F(x', m) when x' differs from x only inside m: the selection and the head's
+    input are bit-for-bit identical, whatever is written into the window."""
+    predictor = SinPredictor(model, top_k=0.15)
+    family = MaskFamily.build((32, 32), 5, masks_per_axis=6)
+    generator = torch.Generator().manual_seed(2)
+    k = keep_count(0.15, (32, 32))
+    for index, (top, left, bottom, right) in enumerate(family.boxes().tolist()):
+        patched = images.clone()
+        patched[:, :, top:bottom, left:right] = torch.rand(
+            len(images), 3, bottom - top, right - left, generator=generator) * (index % 3)
+        patched.clamp_(0, 1)
+        clean, dirty = predictor.prepare(images), predictor.prepare(patched)
+        foot = predictor.footprints((32, 32), torch.tensor([[top, left, bottom, right]]))
+        foot = foot.expand(len(images), -1)
+        keep_clean = keep_positions(clean.order, foot, k)
+        keep_dirty = keep_positions(dirty.order, foot, k)
+        assert torch.equal(keep_clean, keep_dirty)
+        mask = keep_clean.view(-1, 1, 32, 32).expand_as(clean.features)
+        assert torch.equal(clean.features[mask], dirty.features[mask])
+
+
+def test_results_are_deterministic_and_independent_of_batching(model, images) -> None:
+    labels = torch.arange(len(images)) % 10
+    config = CertConfig(patch_px=3, top_k=0.1, masks_per_axis=5)
+    first = Certifier(model, config).certify(images, labels)
+    again = Certifier(model, config).certify(images, labels)
+    rebatched = Certifier(model, config, batch_size=7, image_chunk=5).certify(images, labels)
+    for name in ("prediction", "certified", "mask_predictions", "n_evaluated", "clean_output",
+                 "alert_box", "recovered_prediction", "vanilla_prediction"):
+        assert torch.equal(getattr(first, name), getattr(again, name)), name
+        assert torch.equal(getattr(first, name), getattr(rebatched, name)), name
+    assert torch.equal(first.min_margin, again.min_margin)
+    assert torch.allclose(first.min_margin, rebatched.min_margin, atol=1e-4)
+
+
+def test_certificate_fields_agree_with_the_definition(model, images) -> None:
+    labels = torch.arange(len(images)) % 10
+    certifier = Certifier(model, CertConfig(patch_px=4, top_k=0.2, masks_per_axis=4))
+    result = certifier.certify(images, labels)
+    # a model that predicts its own M(x) as the label makes certificates possible
+    result_own = certifier.certify(images, result.prediction)
+    assert bool(result_own.certified.any())
+    for res, lab in ((result, labels), (result_own, result.prediction)):
+        agrees = (res.prediction == lab) & (res.mask_predictions == lab[:, None]).all(dim=1)
+        assert torch.equal(res.certified, agrees & (res.min_margin >= certifier.config.margin))
+        assert bool((res.n_masks == 16).all()) and bool((res.n_evaluated <= 16).all())
+        # certified images are never alerted on, clean
+        assert bool((res.clean_output[res.certified] == lab[res.certified]).all())
+
+
+def test_mask_predictions_follow_mask_boxes_order(model, images) -> None:
+    certifier = Certifier(model, CertConfig(patch_px=5, top_k=1.0, masks_per_axis=3))
+    result = certifier.detect(images[:4])
+    predictor = SinPredictor(model, top_k=1.0)
+    _, logits = all_mask_logits(predictor, images[:4], certifier.mask_boxes(32))
+    assert torch.equal(result.mask_predictions, logits.argmax(dim=2))
+
+
+def test_masking_baseline_is_direct_pixel_occlusion(model, images) -> None:
+    config = CertConfig(patch_px=5, masks_per_axis=4, method="masking", occlusion_value=0.5)
+    certifier = Certifier(model, config)
+    labels = model(images).argmax(dim=1)
+    result = certifier.certify(images, labels)
+    assert bool((result.n_evaluated == 16).all())
+    assert torch.equal(result.prediction, labels) and torch.equal(result.vanilla_prediction, labels)
+    for m, (top, left, bottom, right) in enumerate(certifier.mask_boxes(32).tolist()):
+        occluded = images.clone()
+        occluded[:, :, top:bottom, left:right] = 0.5
+        with torch.no_grad():
+            assert torch.equal(result.mask_predictions[:, m], model(occluded).argmax(dim=1))
+
+
+def test_box_masks_cover_exactly_the_box() -> None:
+    masks = box_masks(torch.tensor([[1, 2, 4, 3], [0, 0, 0, 0]]), (5, 6))
+    assert masks.shape == (2, 1, 5, 6)
+    assert masks[0, 0].nonzero().tolist() == [[1, 2], [2, 2], [3, 2]]
+    assert not bool(masks[1].any())
+
+
+def test_recovered_prediction_masks_the_located_block(model, images) -> None:
+    certifier = Certifier(model, CertConfig(patch_px=3, top_k=0.3, masks_per_axis=6))
+    result = certifier.detect(images)
+    located = (result.alert_box[:, 0] >= 0).nonzero()[:, 0]
+    assert len(located) > 0
+    predictor = SinPredictor(model, top_k=0.3)
+    batch = predictor.prepare(images[located])
+    direct = predictor.logits(batch, torch.arange(len(located)), result.alert_box[located])
+    assert torch.equal(result.recovered_prediction[located], direct.argmax(dim=1))
+    assert bool((result.output[located] == ALERT).all())
+    unlocated = result.alert_box[:, 0] < 0
+    assert bool((result.recovered_prediction[unlocated] == ALERT).all())
+
+
+# -- Algorithm 1 on hand-made prediction grids ----------------------------------------------
+
+
+def grid_family(r: int) -> MaskFamily:
+    return MaskFamily.build((12, 12), 2, r=r, mask_stride=3)  # 4 x 4 grid for r = 1
+
+
+def test_all_agree_returns_the_prediction() -> None:
+    family = grid_family(1)
+    assert detect_outcome(3, torch.full((family.n_masks,), 3), family) == (3, None)
+
+
+def test_one_disagreeing_mask_alerts_when_r_is_one() -> None:
+    family = grid_family(1)
+    predictions = torch.full((family.n_masks,), 3)
+    predictions[5] = 7
+    assert detect_outcome(3, predictions, family) == (ALERT, (1, 1))
+
+
+def test_block_rule_needs_a_whole_r_by_r_block_of_one_class() -> None:
+    family = grid_family(2)
+    rows, cols = family.grid_shape
+    grid = torch.full((rows, cols), 3)
+    grid[1:3, 1:3] = 7
+    assert detect_outcome(3, grid.flatten(), family) == (ALERT, (1, 1))
+    grid[2, 2] = 8  # the block no longer agrees: a minority of disagreement is ignored
+    assert detect_outcome(3, grid.flatten(), family) == (3, None)
+
+
+def test_majority_rule_alerts_without_a_block() -> None:
+    family = grid_family(2)
+    rows, cols = family.grid_shape
+    grid = (torch.arange(rows)[:, None] + torch.arange(cols)[None]) % 2 + 5  # checkerboard 5/6
+    grid[0, 0] = 3
+    assert detect_outcome(3, grid.flatten(), family) == (ALERT, None)
+
+
+# -- input validation -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("bad", "message"), [
+    (torch.rand(2, 1, 32, 32), "images"),
+    (torch.rand(3, 32, 32), "images"),
+    (torch.rand(2, 3, 32, 32) * 2, r"\[0, 1\]"),
+    (torch.full((2, 3, 32, 32), float("nan")), r"\[0, 1\]"),
+    (torch.randint(0, 255, (2, 3, 32, 32)), "floats"),
+    (torch.rand(2, 3, 4, 4), "patch_px"),
+])
+def test_bad_images_are_refused(model, bad, message) -> None:
+    certifier = Certifier(model, CertConfig(patch_px=5))
+    with pytest.raises(ValueError, match=message):
+        certifier.certify(bad, torch.zeros(len(bad), dtype=torch.int64))
+
+
+@pytest.mark.parametrize("labels", [
+    torch.tensor([0, 1, 2]), torch.tensor([0, 10]), torch.tensor([0.0, 1.0]), torch.tensor([-1, 0]),
+])
+def test_bad_labels_are_refused(model, labels) -> None:
+    with pytest.raises(ValueError, match="labels"):
+        Certifier(model, CertConfig(patch_px=5)).certify(torch.rand(2, 3, 32, 32), labels)
+
+
+@pytest.mark.parametrize("method", ["scalecert", "masking"])
+def test_unknown_layer_is_refused(model, method) -> None:
+    with pytest.raises(ValueError, match="layer"):
+        Certifier(model, CertConfig(patch_px=5, layer="layer9", method=method))
