@@ -1,0 +1,186 @@
+"""Fine-tuning for the defended forward pass (the paper's winner-take-all dropout).
+
+ScaleCert trains the model it certifies: F(x, m) with SIN pruning in the forward pass, under a
+random window of the mask family or none, so that only the kept features carry gradient and the
+head learns to classify from k positions. The `masking` control trains the unpruned model on
+images with a random window occluded, so both defenses get the same budget.
+
+This is the single-device loop; :func:`training_loss` is the step a distributed trainer reuses.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from scalecert.baselines import box_masks
+from scalecert.config import CertConfig
+from scalecert.geometry import Footprints
+from scalecert.masks import MaskFamily
+from scalecert.models.base import StagedClassifier
+from scalecert.sin import keep_count, keep_positions, prune, selection_order, sin_scores
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """How to fine-tune for one certification setting (``cert``: method, top_k, layer, masks).
+
+    mask_probability: share of training images seen under a random window of the family (the
+        rest see no window, i.e. M(x)). lr follows a cosine schedule over all steps.
+    augment: random 4-pixel-padded crops and horizontal flips (CIFAR-style).
+    """
+
+    cert: CertConfig
+    epochs: int = 1
+    batch_size: int = 128
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    mask_probability: float = 0.5
+    augment: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.cert, CertConfig):
+            raise ValueError(f"cert: expected a CertConfig, got {type(self.cert).__name__}")
+        for name in ("epochs", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: must be an integer >= 1, got {value!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr: must be a finite number > 0, got {self.lr!r}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum: must be in [0, 1), got {self.momentum!r}")
+        if not self.weight_decay >= 0.0:
+            raise ValueError(f"weight_decay: must be >= 0, got {self.weight_decay!r}")
+        if not 0.0 <= self.mask_probability <= 1.0:
+            raise ValueError(f"mask_probability: must be in [0, 1], got {self.mask_probability!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+@dataclass(frozen=True)
+class EpochMetrics:
+    epoch: int
+    loss: float
+    accuracy: float  # training accuracy of the defended forward pass (under the sampled windows)
+    images: int
+
+
+def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random crops from a 4-pixel zero-padded copy, and horizontal flips."""
+    n, _, height, width = images.shape
+    padded = F.pad(images, (4, 4, 4, 4))
+    tops = torch.randint(0, 9, (n,), generator=generator).tolist()
+    lefts = torch.randint(0, 9, (n,), generator=generator).tolist()
+    flips = (torch.rand(n, generator=generator) < 0.5).tolist()
+    out = torch.stack([
+        padded[i, :, t:t + height, l:l + width] for i, (t, l) in enumerate(zip(tops, lefts))
+    ])
+    flip_index = torch.tensor([i for i, f in enumerate(flips) if f], dtype=torch.int64)
+    if len(flip_index):
+        out[flip_index] = out[flip_index].flip(-1)
+    return out
+
+
+def sample_windows(
+    count: int, boxes: torch.Tensor, mask_probability: float, generator: torch.Generator
+) -> torch.Tensor:
+    """``count x 4`` boxes: a random window of the family, or the empty box (no mask)."""
+    chosen = boxes[torch.randint(0, len(boxes), (count,), generator=generator)]
+    unmasked = torch.rand(count, generator=generator) >= mask_probability
+    chosen[unmasked] = 0
+    return chosen
+
+
+def training_loss(
+    model: StagedClassifier,
+    cert: CertConfig,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    windows: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of the defended forward pass under ``windows`` (empty: none), and logits.
+
+    scalecert: F(x, m) = g(A * 1[keep_m]), the selection made on detached scores, so gradient
+    reaches only kept features (winner-take-all). masking: the unpruned model on occluded pixels.
+    """
+    if cert.method == "masking":
+        masks = box_masks(windows.to(images.device), images.shape[2:])
+        logits = model(torch.where(masks, torch.full_like(images, cert.occlusion_value), images))
+        return F.cross_entropy(logits, labels), logits
+    split = model.split(cert.layer)
+    features = split.stem(images)
+    feature_hw = tuple(features.shape[2:])
+    excluded = Footprints(split.geometry, feature_hw)(windows).to(features.device)
+    order = selection_order(sin_scores(features.detach()))
+    keep = keep_positions(order, excluded, keep_count(cert.top_k, feature_hw))
+    logits = split.head(prune(features, keep))
+    return F.cross_entropy(logits, labels), logits
+
+
+def finetune(
+    model: StagedClassifier,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    config: FinetuneConfig,
+    device: str | torch.device = "cpu",
+    on_epoch: Callable[[EpochMetrics], None] | None = None,
+) -> list[EpochMetrics]:
+    """Fine-tune ``model`` in place on ``images`` (N x 3 x H x W in [0, 1]) and ``labels``.
+
+    Plain SGD with momentum and a cosine learning-rate schedule on one device. Returns the
+    per-epoch metrics (also passed to ``on_epoch`` as each epoch ends) and leaves the model in
+    eval mode.
+    """
+    if images.dim() != 4 or len(images) != len(labels) or len(images) == 0:
+        raise ValueError(
+            f"images, labels: expected N x 3 x H x W images and N labels, got "
+            f"{tuple(images.shape)} and {tuple(labels.shape)}"
+        )
+    cert = config.cert
+    device = torch.device(device)
+    model.to(device).train()
+    model.split(cert.layer)  # refuse an unknown layer before any work
+    family = MaskFamily.build(tuple(images.shape[2:]), cert.patch_px, cert.r,
+                              mask_stride=cert.mask_stride, masks_per_axis=cert.masks_per_axis)
+    boxes = family.boxes()
+    generator = torch.Generator().manual_seed(config.seed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    steps_per_epoch = math.ceil(len(images) / config.batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=config.epochs * steps_per_epoch)
+    history = []
+    for epoch in range(1, config.epochs + 1):
+        permutation = torch.randperm(len(images), generator=generator)
+        total_loss, correct = 0.0, 0
+        for start in range(0, len(images), config.batch_size):
+            index = permutation[start:start + config.batch_size]
+            batch = images[index]
+            if config.augment:
+                batch = augment(batch, generator)
+            windows = sample_windows(len(index), boxes, config.mask_probability, generator)
+            target = labels[index].to(device)
+            loss, logits = training_loss(model, cert, batch.to(device), target, windows)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total_loss += float(loss.detach()) * len(index)
+            correct += int((logits.argmax(dim=1) == target).sum())
+        metrics = EpochMetrics(epoch, total_loss / len(images), correct / len(images), len(images))
+        history.append(metrics)
+        if on_epoch is not None:
+            on_epoch(metrics)
+    model.eval()
+    return history

@@ -1,0 +1,111 @@
+"""Fine-tuning of the defended forward pass: gradients, learning, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+
+import pytest
+import torch
+
+from helpers import load_image_folder
+from scalecert import CertConfig, Certifier, create_model, load_model
+from scalecert.finetune import FinetuneConfig, augment, finetune, sample_windows, training_loss
+from scalecert.models import save_checkpoint
+
+
+@pytest.mark.parametrize(("values", "field"), [
+    ({"epochs": 0}, "epochs"),
+    ({"batch_size": 0}, "batch_size"),
+    ({"lr": -1.0}, "lr"),
+    ({"momentum": 1.0}, "momentum"),
+    ({"mask_probability": 1.5}, "mask_probability"),
+])
+def test_invalid_settings_name_the_field(values: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        FinetuneConfig(cert=CertConfig(patch_px=5), **values)
+
+
+def test_only_kept_features_carry_gradient() -> None:
+    """Winner-take-all: the loss gradient w.r.t. the stem output is zero off the kept set and
+    inside the window's footprint."""
+    torch.manual_seed(0)
+    model = create_model("cifar_resnet20").train()
+    cert = CertConfig(patch_px=5, top_k=0.1)
+    images, labels = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    captured: list[torch.Tensor] = []
+
+    def keep_output(_module, _inputs, output: torch.Tensor) -> None:
+        output.retain_grad()
+        captured.append(output)
+
+    handle = model.relu.register_forward_hook(keep_output)
+    windows = torch.tensor([[0, 0, 9, 9], [0, 0, 0, 0], [10, 10, 19, 19], [0, 0, 0, 0]])
+    loss, _ = training_loss(model, cert, images, labels, windows)
+    loss.backward()
+    handle.remove()
+    grad = captured[0].grad.abs().sum(dim=1).flatten(1)  # 4 x 1024
+    kept = (grad > 0).sum(dim=1)
+    assert bool((kept <= 103).all()) and bool((kept > 50).all())  # k = ceil(0.1 * 1024) = 103
+    assert float(grad[0].view(32, 32)[:8, :8].sum()) == 0.0  # inside the first window's footprint
+
+
+def test_sampled_windows_come_from_the_family_or_are_empty() -> None:
+    boxes = torch.tensor([[0, 0, 9, 9], [5, 5, 14, 14]])
+    windows = sample_windows(200, boxes, 0.5, torch.Generator().manual_seed(0))
+    empty = (windows == 0).all(dim=1)
+    assert 60 < int(empty.sum()) < 140
+    assert all(row in boxes.tolist() for row in windows[~empty].tolist())
+
+
+def test_augment_keeps_shape_and_pixels() -> None:
+    images = torch.rand(6, 3, 32, 32)
+    out = augment(images, torch.Generator().manual_seed(0))
+    assert out.shape == images.shape
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+    assert not torch.equal(out, images)
+
+
+@pytest.mark.slow
+def test_brief_finetuning_improves_the_pruned_model_on_real_data(
+    tmp_path, cifar10_test_dir, resnet20_checkpoint, shared_dir
+) -> None:
+    torch.set_num_threads(2)
+    train_root = tmp_path / "train_subset"
+    with tarfile.open(shared_dir / "data" / "cifar10" / "train.tar.gz") as tar:
+        members = [m for m in tar.getmembers() if m.isfile() and int(m.name[-8:-4]) < 200]
+        tar.extractall(train_root, members=members, filter="data")
+    train_images, train_labels = load_image_folder(train_root / "train")
+    test_images, test_labels = load_image_folder(cifar10_test_dir, per_class=30)
+    assert len(train_images) == 2000 and len(test_images) == 300
+
+    cert = CertConfig(patch_px=5, top_k=0.15)
+    model = load_model("cifar_resnet20", checkpoint=resnet20_checkpoint)
+    before = Certifier(model, cert).certify(test_images, test_labels)
+    history = finetune(model, train_images, train_labels, FinetuneConfig(cert=cert, epochs=2))
+    assert [m.epoch for m in history] == [1, 2] and history[1].loss < history[0].loss
+    after = Certifier(model, cert).certify(test_images, test_labels)
+    accuracy_before = float((before.prediction == test_labels).float().mean())
+    accuracy_after = float((after.prediction == test_labels).float().mean())
+    assert accuracy_after > accuracy_before + 0.05, (accuracy_before, accuracy_after)
+
+    path = tmp_path / "finetuned.pt"
+    save_checkpoint(model, path, {"finetune": json.loads(FinetuneConfig(cert=cert).to_json())})
+    sidecar = json.loads((tmp_path / "finetuned.pt.json").read_text())
+    assert sidecar["finetune"]["cert"]["top_k"] == 0.15
+    reloaded = load_model("cifar_resnet20", checkpoint=path)
+    again = Certifier(reloaded, cert).certify(test_images, test_labels)
+    assert torch.equal(again.prediction, after.prediction)
+    assert torch.equal(again.certified, after.certified)
+
+
+def test_masking_control_trains_the_unpruned_model() -> None:
+    torch.manual_seed(0)
+    model = create_model("cifar_resnet20")
+    images, labels = torch.rand(16, 3, 32, 32), torch.arange(16) % 10
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = FinetuneConfig(cert=CertConfig(patch_px=5, method="masking"), epochs=1, batch_size=8)
+    history = finetune(model, images, labels, config)
+    assert len(history) == 1 and history[0].images == 16
+    assert not torch.equal(before["linear.weight"], model.state_dict()["linear.weight"])
+    assert not model.training
