@@ -8,7 +8,7 @@ import tarfile
 import pytest
 import torch
 
-from helpers import load_image_folder
+from pipeline.data import load_image_folder
 from scalecert import CertConfig, Certifier, create_model, load_model
 from scalecert.finetune import FinetuneConfig, augment, finetune, sample_windows, training_loss
 from scalecert.models import save_checkpoint

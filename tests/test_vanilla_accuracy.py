@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import load_image_folder
+from pipeline.data import load_image_folder
 
 from scalecert.models import load_model
 

@@ -1,4 +1,4 @@
-"""Shared test utilities: decode a labelled image folder into tensors."""
+"""Labelled image folders: ``root/<class>/<image>``, class index = sorted folder names."""
 
 from __future__ import annotations
 
@@ -20,16 +20,18 @@ def load_image_folder(
     order), then ``limit`` keeps the first ``limit`` of those.
     """
     root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"data: {root} is not a folder")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not classes:
-        raise ValueError(f"no class folders under {root}")
+        raise ValueError(f"data: no class folders under {root}")
     files: list[tuple[Path, int]] = []
     for index, name in enumerate(classes):
         members = sorted(p for p in (root / name).iterdir() if p.is_file())
         files += [(p, index) for p in members[:per_class]]
     files = files[:limit]
     if not files:
-        raise ValueError(f"no images selected under {root}")
+        raise ValueError(f"data: no images selected under {root}")
     arrays = []
     for path, _ in files:
         with Image.open(path) as image:
