@@ -23,6 +23,9 @@ class Images:
     def __len__(self) -> int:
         return self.pixels.shape[0]
 
+    def select(self, rows: slice) -> "Images":
+        return Images(self.pixels[rows])
+
 
 def box_masks(boxes: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
     """``n x 1 x H x W`` bool: True inside each (top, left, bottom, right) box."""

@@ -17,7 +17,7 @@ from scalecert.baselines import OcclusionPredictor
 from scalecert.config import CertConfig
 from scalecert.masks import MaskFamily
 from scalecert.models.base import StagedClassifier
-from scalecert.occlusion import EMPTY_BOX, MaskedPredictor, SinPredictor
+from scalecert.occlusion import EMPTY_BOX, MaskedPredictor, PreparedBatch, SinPredictor
 
 ALERT = -1
 NO_BOX = (-1, -1, -1, -1)
@@ -142,12 +142,32 @@ class Certifier:
         """``n_masks x 4`` (top, left, bottom, right) windows, in ``mask_predictions`` order."""
         return self.mask_family(height, width).boxes()
 
+    @property
+    def preparation_key(self) -> tuple:
+        """Certifiers with equal keys (same model object) can share :meth:`prepare` results,
+        e.g. several patch sizes of one run: the stem runs once per image."""
+        if isinstance(self.predictor, SinPredictor):
+            return ("sin", id(self.model), self.predictor.layer, self.config.top_k)
+        return ("pixels", id(self.model))
+
     @torch.inference_mode()
-    def certify(self, images: torch.Tensor, labels: torch.Tensor) -> CertifyResult:
-        """Certificates for labelled images (``N x 3 x H x W`` floats in [0, 1], ``N`` ints)."""
+    def prepare(self, images: torch.Tensor) -> PreparedBatch:
+        """Per-image work shared by every window (the stem and SIN selection for scalecert)."""
+        self._check_images(images)
+        return self.predictor.prepare(images.to(self.device))
+
+    @torch.inference_mode()
+    def certify(
+        self, images: torch.Tensor, labels: torch.Tensor, prepared: PreparedBatch | None = None
+    ) -> CertifyResult:
+        """Certificates for labelled images (``N x 3 x H x W`` floats in [0, 1], ``N`` ints).
+
+        ``prepared``: the result of :meth:`prepare` on the same images, from this certifier or
+        one with the same :attr:`preparation_key`, to skip that work.
+        """
         self._check_images(images)
         labels = self._check_labels(labels, len(images))
-        evaluation = self._evaluate(images, labels)
+        evaluation = self._evaluate(images, labels, prepared)
         if self.config.method == "scalecert":
             vanilla = self._vanilla(images)
         else:
@@ -167,10 +187,10 @@ class Certifier:
         )
 
     @torch.inference_mode()
-    def detect(self, images: torch.Tensor) -> DetectResult:
+    def detect(self, images: torch.Tensor, prepared: PreparedBatch | None = None) -> DetectResult:
         """Algorithm 1 on possibly patched images: the label, or -1 (ALERT) with a location."""
         self._check_images(images)
-        evaluation = self._evaluate(images, None)
+        evaluation = self._evaluate(images, None, prepared)
         return DetectResult(
             output=evaluation.output,
             prediction=evaluation.base,
@@ -182,27 +202,29 @@ class Certifier:
 
     # -- internals ------------------------------------------------------------------------
 
-    def _evaluate(self, images: torch.Tensor, labels: torch.Tensor | None) -> _Evaluation:
+    def _evaluate(
+        self, images: torch.Tensor, labels: torch.Tensor | None, prepared: PreparedBatch | None
+    ) -> _Evaluation:
+        if prepared is not None and len(prepared) != len(images):
+            raise ValueError(f"prepared: holds {len(prepared)} images, not {len(images)}")
         family = self.mask_family(images.shape[2], images.shape[3])
-        parts = [
-            self._evaluate_chunk(
-                images[start:start + self.image_chunk],
-                None if labels is None else labels[start:start + self.image_chunk],
-                family,
-            )
-            for start in range(0, len(images), self.image_chunk)
-        ]
+        parts = []
+        for start in range(0, len(images), self.image_chunk):
+            rows = slice(start, start + self.image_chunk)
+            batch = (self.predictor.prepare(images[rows].to(self.device)) if prepared is None
+                     else prepared.select(rows))
+            parts.append(self._evaluate_chunk(
+                batch, None if labels is None else labels[rows], family))
         return _Evaluation(*(
             torch.cat([getattr(part, field.name) for part in parts])
             for field in fields(_Evaluation)
         ))
 
     def _evaluate_chunk(
-        self, images: torch.Tensor, labels: torch.Tensor | None, family: MaskFamily
+        self, batch: PreparedBatch, labels: torch.Tensor | None, family: MaskFamily
     ) -> _Evaluation:
         boxes = family.boxes()
-        n_images, n_masks = len(images), family.n_masks
-        batch = self.predictor.prepare(images.to(self.device))
+        n_images, n_masks = len(batch), family.n_masks
         needed = self.predictor.needs_evaluation(batch, boxes).cpu()
 
         # Pairs (image, box): the first n_images are M(x) (empty box), then the needed windows.
@@ -235,7 +257,7 @@ class Certifier:
 
     def _run_pairs(
         self,
-        batch: object,
+        batch: PreparedBatch,
         image_index: torch.Tensor,
         boxes: torch.Tensor,
         labels: torch.Tensor | None,

@@ -26,6 +26,10 @@ class PreparedBatch(Protocol):
 
     def __len__(self) -> int: ...
 
+    def select(self, rows: slice) -> "PreparedBatch":
+        """The state of a contiguous range of the images."""
+        ...
+
 
 class MaskedPredictor(Protocol):
     """Predictions of a defended model under windows, for pairs of (image, box)."""
@@ -55,6 +59,9 @@ class StemFeatures:
 
     def __len__(self) -> int:
         return self.features.shape[0]
+
+    def select(self, rows: slice) -> "StemFeatures":
+        return StemFeatures(self.features[rows], self.order[rows], self.keep[rows])
 
 
 class SinPredictor:

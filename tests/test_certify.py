@@ -251,3 +251,19 @@ def test_bad_labels_are_refused(model, labels) -> None:
 def test_unknown_layer_is_refused(model, method) -> None:
     with pytest.raises(ValueError, match="layer"):
         Certifier(model, CertConfig(patch_px=5, layer="layer9", method=method))
+
+
+def test_prepared_stem_features_are_shared_across_patch_sizes(model, images) -> None:
+    labels = torch.arange(len(images)) % 10
+    small = Certifier(model, CertConfig(patch_px=2, top_k=0.2), image_chunk=5)
+    large = Certifier(model, CertConfig(patch_px=5, top_k=0.2), image_chunk=5)
+    assert small.preparation_key == large.preparation_key
+    assert small.preparation_key != Certifier(model, CertConfig(patch_px=2, top_k=0.3)).preparation_key
+    prepared = small.prepare(images)
+    for certifier in (small, large):
+        shared = certifier.certify(images, labels, prepared=prepared)
+        alone = certifier.certify(images, labels)
+        assert torch.equal(shared.mask_predictions, alone.mask_predictions)
+        assert torch.equal(shared.certified, alone.certified)
+    with pytest.raises(ValueError, match="prepared"):
+        large.certify(images[:3], labels[:3], prepared=prepared)
