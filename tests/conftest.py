@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 import tarfile
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -50,3 +59,88 @@ def resnet20_checkpoint(shared_dir: Path) -> Path:
 def resnet56_checkpoint(shared_dir: Path) -> Path:
     """The akamaster CIFAR-10 ResNet-56 checkpoint (93.62% on the original test set)."""
     return _checkpoint(shared_dir, "cifar10-resnet56-akamaster.th")
+
+
+# --- S3: a local moto server (loopback only) for storage and source tests --------------------
+
+S3_TEST_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@dataclass(frozen=True)
+class S3Server:
+    """A running ``moto.server``: its endpoint URL and the env a client needs to reach it."""
+
+    endpoint: str
+    env: dict[str, str]
+    log: Path  # the server's request log, one line per HTTP request
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """``python -m moto.server`` on 127.0.0.1 for the session; changes no global state."""
+    pytest.importorskip("moto.server", reason="moto[server] is not installed")
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    log_path = tmp_path_factory.mktemp("moto") / "server.log"
+    env = {**os.environ, **S3_TEST_ENV}
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    try:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never a proxy
+        deadline = time.monotonic() + 30.0
+        while True:
+            if process.poll() is not None:
+                pytest.fail(
+                    f"moto server exited with code {process.returncode} before it was ready; "
+                    f"log:\n{log_path.read_text(errors='replace')}"
+                )
+            try:
+                with opener.open(f"{endpoint}/moto-api/", timeout=2.0):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(
+                        f"moto server on {endpoint} not ready after 30 s; "
+                        f"log:\n{log_path.read_text(errors='replace')}"
+                    )
+                time.sleep(0.1)
+        yield S3Server(endpoint=endpoint, env=dict(S3_TEST_ENV), log=log_path)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture
+def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Point AWS clients at the moto server (env via monkeypatch) and create a fresh bucket;
+    returns its name."""
+    boto3 = pytest.importorskip("boto3")
+    for name, value in {**s3_server.env, "AWS_ENDPOINT_URL": s3_server.endpoint}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_REGION", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    for name in ("NO_PROXY", "no_proxy"):  # a developer's HTTP proxy must not see loopback
+        monkeypatch.setenv(name, ",".join(filter(None, [os.environ.get(name), "127.0.0.1"])))
+    bucket = f"test-{uuid.uuid4().hex[:16]}"
+    client = boto3.client("s3", endpoint_url=s3_server.endpoint, region_name="us-east-1")
+    client.create_bucket(Bucket=bucket)
+    return bucket

@@ -1,0 +1,166 @@
+"""Decoding and preprocessing of image bytes with Pillow (never torchvision).
+
+Every way an input file can be unusable ends in :class:`ImageError` with a short reason, which
+the worker writes into the certificate row (status ``error``) instead of crashing the run.
+Preprocessing matches torchvision's standard evaluation transforms on PIL images (``Resize``
+with bilinear interpolation, ``CenterCrop``) so accuracies compare with published ones.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+MIN_SIDE = 8
+KINDS = ("imagenet", "exact")
+IMAGENET_RESIZE = 256
+IMAGENET_SIZE = 224
+
+
+class ImageError(ValueError):
+    """An input that cannot become a model input; ``str(error)`` is a short human reason."""
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How decoded pixels become a ``size x size`` model input.
+
+    - ``imagenet``: resize the short side to ``resize`` (bilinear), then centre-crop ``size``
+      (the standard 256 -> 224 evaluation transform).
+    - ``exact``: the image must already be ``size x size`` (CIFAR); nothing is resampled, so
+      masks act on the original pixels.
+    """
+
+    kind: str
+    size: int
+    resize: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"Preprocess.kind {self.kind!r}: expected one of {KINDS}")
+        if not isinstance(self.size, int) or self.size < MIN_SIDE:
+            raise ValueError(f"Preprocess.size {self.size!r}: expected an int >= {MIN_SIDE}")
+        if self.kind == "exact" and self.resize is not None:
+            raise ValueError(f"Preprocess: exact preprocessing takes no resize (got {self.resize})")
+        if self.kind == "imagenet" and (
+            not isinstance(self.resize, int) or self.resize < self.size
+        ):
+            raise ValueError(
+                f"Preprocess: imagenet preprocessing needs resize >= size ({self.size}), "
+                f"got {self.resize!r}"
+            )
+
+    @classmethod
+    def for_input_size(cls, size: int) -> Preprocess:
+        """The standard preprocessing for a model input size: 224 -> imagenet (resize 256,
+        crop 224), 32 -> exact 32x32. Other sizes must be spelled out explicitly."""
+        if size == IMAGENET_SIZE:
+            return cls("imagenet", IMAGENET_SIZE, IMAGENET_RESIZE)
+        if size == 32:
+            return cls("exact", 32)
+        raise ValueError(
+            f"no standard preprocessing for input size {size} (known: 224, 32); "
+            "construct Preprocess(kind=..., size=..., resize=...) explicitly"
+        )
+
+
+def decode(data: bytes, preprocess: Preprocess) -> np.ndarray:
+    """Decode image bytes into a ``size x size x 3`` uint8 RGB array, or raise ImageError.
+
+    Truncated files are errors (Pillow's global ``ImageFile.LOAD_TRUNCATED_IMAGES`` is left at
+    its default, False, and the image is fully loaded here). Images over Pillow's
+    decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``, checked from the header before any
+    pixels are decoded) are errors. Multi-frame files (GIF, TIFF) give their first frame; EXIF
+    orientation is ignored (as in the standard ImageNet evaluation).
+
+    Colour: every mode becomes RGB by Pillow's ``convert("RGB")``, as torchvision's default
+    loader does: greyscale (L) is replicated, CMYK converted naively (no ICC profile), palette
+    images (P) take their palette colours, and alpha (RGBA, LA, PA) is dropped, not composited
+    (transparent pixels keep whatever colour they store).
+    """
+    if not data:
+        raise ImageError("empty file")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit is not None and width * height > limit:
+                raise ImageError(
+                    f"image is {width}x{height} px, over the decompression-bomb limit of "
+                    f"{limit} px"
+                )
+            if min(width, height) < MIN_SIDE:
+                raise ImageError(
+                    f"image is {width}x{height} px, too small (minimum {MIN_SIDE} px per side)"
+                )
+            image.load()
+            # fit inside the block: close() invalidates the pixels of an image not converted
+            return _fit(_to_rgb(image), preprocess)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"image too large (decompression bomb): {exc}") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageError(f"not an image: unrecognised format (starts with {data[:8]!r})") from exc
+    except MemoryError:
+        raise
+    except Exception as exc:  # Pillow plugins raise OSError, SyntaxError, struct.error, ...
+        raise ImageError(f"truncated or corrupt image: {exc}") from exc
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """``convert("RGB")``; palette images go through RGBA so Pillow does not warn about
+    palette transparency (the colours are the same)."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("P", "PA"):
+        image = image.convert("RGBA")
+    try:
+        return image.convert("RGB")
+    except ValueError as exc:
+        raise ImageError(f"unsupported colour mode {image.mode}: {exc}") from exc
+
+
+def _fit(image: Image.Image, preprocess: Preprocess) -> np.ndarray:
+    width, height = image.size
+    size = preprocess.size
+    if preprocess.kind == "exact":
+        if (width, height) != (size, size):
+            raise ImageError(
+                f"image is {width}x{height} px, expected exactly {size}x{size} px "
+                "(exact preprocessing does not resize)"
+            )
+        return np.array(image, dtype=np.uint8)
+    # torchvision Resize(int): short side -> resize, long side truncated like int(); then
+    # CenterCrop with round() offsets. Same arithmetic, same pixels.
+    assert preprocess.resize is not None
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(preprocess.resize * long / short)
+    new_size = (preprocess.resize, new_long) if width <= height else (new_long, preprocess.resize)
+    if new_size != (width, height):
+        image = image.resize(new_size, Image.Resampling.BILINEAR, reducing_gap=None)
+    width, height = new_size
+    top = int(round((height - size) / 2.0))
+    left = int(round((width - size) / 2.0))
+    return np.array(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+def to_batch(arrays: list[np.ndarray]) -> torch.Tensor:
+    """Stack ``H x W x 3`` uint8 arrays (all the same shape) into a float32 ``N x 3 x H x W``
+    tensor in [0, 1], the model's input space (normalisation is the model's first op)."""
+    if not arrays:
+        raise ValueError("to_batch: no arrays")
+    first = arrays[0].shape
+    for index, array in enumerate(arrays):
+        if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+            raise ValueError(
+                f"to_batch: array {index} is {array.dtype} {array.shape}, expected uint8 HxWx3"
+            )
+        if array.shape != first:
+            raise ValueError(f"to_batch: array {index} is {array.shape}, array 0 is {first}")
+    stacked = torch.from_numpy(np.stack(arrays))  # N x H x W x 3, a fresh writable copy
+    return stacked.permute(0, 3, 1, 2).float().div_(255.0).contiguous()
