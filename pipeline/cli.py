@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+from typing import Any
+
 import click
 
 from scalecert import __version__, available_models
+from scalecert.config import METHODS
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -20,10 +25,94 @@ def models_command() -> None:
         click.echo(name)
 
 
+@main.command("certify")
+@click.option("--data", help="Labelled images: root/<class>/<image>, or an ImageNet val folder "
+              "with --ground-truth; a local path or s3://bucket/prefix.")
+@click.option("--model", help=f"Model name: {', '.join(available_models())}.")
+@click.option("--checkpoint", help="State-dict file (local or s3://); default: random weights.")
+@click.option("--patch", "patches", multiple=True,
+              help="Patch side in pixels (32) or share of the image area (2%). Repeatable.")
+@click.option("--method", "methods", multiple=True, type=click.Choice(METHODS),
+              help="Defense(s) to certify; repeatable. Default: scalecert.")
+@click.option("--top-k", type=float, help="Share of superficial positions SIN pruning keeps (0.15).")
+@click.option("--masks-per-axis", type=int, help="Masks per image axis (6: 36 masks).")
+@click.option("--r", type=int, help="Coverage r: each patch lies in an r x r block of masks (1).")
+@click.option("--layer", help="Superficial layer to split at (default: after the first ReLU).")
+@click.option("--margin", type=float, help="Logit margin every certifying prediction needs (1e-3).")
+@click.option("--ground-truth", help="ImageNet val: LOC_val_solution.csv or a 1-based label file.")
+@click.option("--synsets", help="ImageNet: file of the 1000 synsets (sorted order = class index).")
+@click.option("--out", help="Output folder (local or s3://): manifest.json, certificates/.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="YAML file with the same options (flags override it).")
+@click.option("--address", help="Ray cluster address (auto, ray://host:10001); default: local.")
+@click.option("--workers", type=int, help="Worker actors (default: one per GPU, else 1).")
+@click.option("--gpus-per-worker", type=float, help="GPUs per worker (default 1 when GPUs exist).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Worker device (auto).")
+@click.option("--shard-size", type=int, help="Images per shard and Parquet file (256).")
+@click.option("--batch-size", type=int, help="(image, mask) pairs per forward pass of g (256).")
+@click.option("--limit", type=int, help="Certify only the first N images (sorted keys).")
+@click.option("--resume/--no-resume", default=None,
+              help="Skip shards already written with the same fingerprint (default: resume).")
+@click.option("--s3-endpoint", help="S3-compatible endpoint URL (default: $AWS_ENDPOINT_URL).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def certify_command(config_path: str | None, quiet: bool, **options: Any) -> None:
+    """Certify every image of a labelled dataset; one Parquet certificate file per shard."""
+    from pipeline.config import RunConfig
+
+    overrides = {k: (None if v == () else v) for k, v in options.items()}  # () = flag not given
+    try:
+        run = RunConfig.from_sources(config_path, overrides)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    _run_and_report(run, quiet)
+
+
+def _run_and_report(run: Any, quiet: bool) -> None:
+    from pipeline.driver import RunRefused, run_certification
+    from pipeline.progress import ProgressLine
+
+    progress = ProgressLine(enabled=not quiet)
+    try:
+        summary = run_certification(run, progress=progress.shard_done, on_plan=progress.start)
+    except (ValueError, FileNotFoundError, RunRefused) as exc:
+        progress.close()
+        raise click.ClickException(str(exc)) from None
+    progress.close()
+    click.echo(f"run {run.out}: {summary.images} images in {summary.shards} shards "
+               f"({summary.shards_skipped} already done), {summary.errors} errors, "
+               f"{summary.wall_s:.1f} s, {summary.images_per_s:.1f} images/s")
+    for (patch_px, method), accuracy in summary.certified_accuracy().items():
+        click.echo(f"  certified accuracy {method:<10} {patch_px:>3} px: {100 * accuracy:5.1f}%")
+
+
 @main.command("demo")
-def demo_command() -> None:
-    """Run the embedded default end to end (synthetic data, local Ray, output under runs/)."""
-    click.echo(
-        "scalecert demo: not yet available: it arrives with the distributed pipeline. "
-        "The certification library works today (see README, 'Python API')."
+@click.option("--out", default="runs/demo", show_default=True, help="Output folder.")
+@click.option("--workdir", default="runs/demo-work", show_default=True,
+              help="Where the synthetic data and the trained model are kept (reused).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def demo_command(out: str, workdir: str, quiet: bool) -> None:
+    """The embedded default: synthetic data, a SIN-trained model, local Ray, Parquet in runs/."""
+    from pipeline.config import RunConfig
+    from pipeline.demo import demo_cert_config, train_demo_model
+    from pipeline.synthetic import write_synthetic_dataset
+
+    work = Path(workdir)
+    click.echo(f"1/3 synthetic data set (procedural, 10 classes, 32x32) in {work / 'data'}")
+    data = write_synthetic_dataset(work / "data")
+    click.echo(f"2/3 SIN fine-tuning of cifar_resnet20 on it (reused when present)")
+    checkpoint = train_demo_model(
+        data, work / "model" / "cifar_resnet20-synthetic.pt",
+        on_epoch=lambda m: click.echo(f"    epoch {m.epoch}: loss {m.loss:.3f}, "
+                                      f"train accuracy {100 * m.accuracy:.1f}%"))
+    cert = demo_cert_config()
+    click.echo(f"3/3 certifying the test split through the pipeline (local Ray) into {out}")
+    run = RunConfig(
+        data=str(Path(data) / "test"), model="cifar_resnet20", checkpoint=str(checkpoint),
+        out=out, patches=(str(cert.patch_px),), methods=("scalecert", "masking"),
+        top_k=cert.top_k, masks_per_axis=cert.masks_per_axis or 6, shard_size=100,
     )
+    _run_and_report(run, quiet)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,288 @@
+"""The Ray driver: plan, manifest, a pool of shard workers, resume, retries, summary.
+
+1. Plan: list the dataset (sorted keys), apply ``--limit``, cut shards of ``--shard-size``.
+   The fingerprint hashes the result-relevant options, the checkpoint's sha256, the dataset's
+   keys and labels, and the package version; ``<out>/manifest.json`` is written first.
+2. Resume: a shard whose Parquet file exists with the same fingerprint is skipped; an output
+   folder holding another fingerprint is refused before any work.
+3. Run: one actor per GPU (or CPU workers sharing the cores), each loading the model once,
+   at most two shards in flight per worker. A worker that dies has its shards redone on its
+   restarted actor (Ray places it wherever resources allow).
+4. Summary: read back every shard, check one row per image x patch x method, and count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import pyarrow as pa
+
+from pipeline import storage
+from pipeline.certificates import read_metadata, read_table
+from pipeline.config import RunConfig
+from pipeline.sources import Dataset, ImageRecord, open_dataset
+from pipeline.worker import ShardSummary, ShardTask, ShardWorker, WorkerSettings, part_location
+from scalecert import __version__, create_model
+
+_CRASH_SHARD_ENV = "SCALECERT_TEST_CRASH_SHARD"  # tests: the first try at this shard kills its worker
+
+
+class RunRefused(RuntimeError):
+    """The output folder holds results that this run must not mix with."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    run: RunConfig
+    dataset: Dataset
+    records: tuple[ImageRecord, ...]
+    shards: tuple[tuple[int, int], ...]  # (start, stop) into records
+    image_side: int
+    patch_pixels: tuple[int, ...]
+    checkpoint_sha256: str | None
+    fingerprint: str
+
+    @property
+    def run_id(self) -> str:
+        return self.fingerprint[:16]
+
+    def task(self, index: int, crash: bool = False) -> ShardTask:
+        start, stop = self.shards[index]
+        return ShardTask(index=index, records=self.records[start:stop], crash_before_write=crash)
+
+    def metadata(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "fingerprint": self.fingerprint, "version": __version__,
+                "config": self.run.to_dict(), "checkpoint_sha256": self.checkpoint_sha256,
+                "patch_px": list(self.patch_pixels)}
+
+    def manifest(self) -> dict[str, Any]:
+        return {
+            **self.metadata(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "dataset": {"source": self.dataset.root, "layout": self.dataset.layout,
+                        "classes": len(self.dataset.classes), "listed": len(self.dataset),
+                        "images": len(self.records)},
+            "image_side": self.image_side,
+            "shards": [
+                {"index": i, "images": stop - start, "first": self.records[start].image_id,
+                 "last": self.records[stop - 1].image_id}
+                for i, (start, stop) in enumerate(self.shards)
+            ],
+        }
+
+
+def make_plan(run: RunConfig) -> Plan:
+    """List the data and fix everything the workers need, without starting Ray."""
+    s3 = storage.S3Options(endpoint=run.s3_endpoint)
+    model = create_model(run.model)
+    image_side = model.input_size
+    patch_pixels = run.patch_pixels(image_side)
+    if len(set(patch_pixels)) != len(patch_pixels):
+        raise ValueError(f"--patch: {', '.join(run.patches)} give {patch_pixels} px on "
+                         f"{image_side} px images: some sizes coincide")
+    for px in patch_pixels:
+        if px > image_side:
+            raise ValueError(f"--patch: {px} px is larger than the {image_side} px images")
+    checkpoint_sha = None
+    if run.checkpoint is not None:
+        if not storage.exists(run.checkpoint, s3):
+            raise ValueError(f"--checkpoint: {run.checkpoint} does not exist")
+        checkpoint_sha = hashlib.sha256(storage.read_bytes(run.checkpoint, s3)).hexdigest()
+    dataset = open_dataset(run.data, s3=s3, ground_truth=run.ground_truth, synsets=run.synsets)
+    records = dataset.records[:run.limit]
+    shards = tuple(
+        (start, min(start + run.shard_size, len(records)))
+        for start in range(0, len(records), run.shard_size)
+    )
+    listing = hashlib.sha256(
+        "\n".join(f"{r.image_id}\t{r.label}" for r in records).encode()).hexdigest()
+    fingerprint = hashlib.sha256(json.dumps({
+        "config": run.fingerprint_fields(), "checkpoint_sha256": checkpoint_sha,
+        "dataset": listing, "version": __version__, "patch_px": list(patch_pixels),
+    }, sort_keys=True).encode()).hexdigest()
+    return Plan(run, dataset, records, shards, image_side, patch_pixels, checkpoint_sha,
+                fingerprint)
+
+
+def prepare_output(plan: Plan) -> list[int]:
+    """Write or check ``manifest.json``; the indices of the shards still to run."""
+    run = plan.run
+    s3 = storage.S3Options(endpoint=run.s3_endpoint)
+    manifest_at = storage.join(run.out, "manifest.json")
+    if storage.exists(manifest_at, s3):
+        existing = json.loads(storage.read_bytes(manifest_at, s3))
+        if existing.get("fingerprint") != plan.fingerprint:
+            raise RunRefused(
+                f"{run.out} already holds run {existing.get('run_id')} with a different "
+                f"configuration, model or data (fingerprint {str(existing.get('fingerprint'))[:16]}"
+                f" != {plan.fingerprint[:16]}); use a new --out, or remove the old results"
+            )
+    else:
+        storage.write_text_atomic(manifest_at, json.dumps(plan.manifest(), indent=2) + "\n", s3)
+    todo = []
+    for index in range(len(plan.shards)):
+        location = part_location(run.out, index)
+        if run.resume and storage.exists(location, s3):
+            if read_metadata(storage.read_bytes(location, s3)).get("fingerprint") == plan.fingerprint:
+                continue
+        todo.append(index)
+    return todo
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    images: int
+    errors: int
+    shards: int
+    shards_skipped: int
+    wall_s: float
+    table: pa.Table
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.wall_s if self.wall_s > 0 else float("nan")
+
+    def certified_accuracy(self) -> dict[tuple[int, str], float]:
+        """Per (patch_px, method): certified images / all listed images (errors count)."""
+        patch = self.table.column("patch_px").to_pylist()
+        method = self.table.column("method").to_pylist()
+        certified = self.table.column("certified").to_pylist()
+        totals: dict[tuple[int, str], list[int]] = {}
+        for key in zip(patch, method, certified):
+            counts = totals.setdefault(key[:2], [0, 0])
+            counts[0] += bool(key[2])
+            counts[1] += 1
+        return {key: hits / total for key, (hits, total) in sorted(totals.items())}
+
+
+def collect(plan: Plan) -> pa.Table:
+    """All certificate rows of the run; checks one row per image x patch x method."""
+    s3 = storage.S3Options(endpoint=plan.run.s3_endpoint)
+    tables = [read_table(storage.read_bytes(part_location(plan.run.out, i), s3))
+              for i in range(len(plan.shards))]
+    table = pa.concat_tables(tables) if tables else pa.table({})
+    expected = len(plan.records) * len(plan.patch_pixels) * len(plan.run.methods)
+    if table.num_rows != expected:
+        raise RuntimeError(f"{plan.run.out}: {table.num_rows} certificate rows, expected {expected}")
+    return table
+
+
+def _worker_layout(run: RunConfig, resources: dict[str, float]) -> tuple[int, float, float, str]:
+    """(workers, cpus per worker, gpus per worker, device) for the cluster's resources."""
+    gpus = resources.get("GPU", 0.0)
+    cpus = max(1.0, resources.get("CPU", 1.0))
+    use_gpu = run.device == "cuda" or (run.device == "auto" and gpus > 0)
+    if use_gpu:
+        if gpus <= 0:
+            raise ValueError("--device cuda: the Ray cluster has no GPUs")
+        per_worker = run.gpus_per_worker or 1.0
+        workers = run.workers or max(1, int(gpus // per_worker))
+        return workers, max(1.0, min(4.0, cpus // workers)), per_worker, "cuda"
+    workers = run.workers or 1
+    return workers, max(1.0, cpus // workers), 0.0, "cpu"
+
+
+def execute(
+    plan: Plan,
+    todo: list[int],
+    on_shard: Callable[[ShardSummary], None] | None = None,
+    max_attempts: int = 3,
+) -> None:
+    """Run the shards in ``todo`` on a pool of Ray actors (Ray must be initialised); a shard
+    whose worker dies is retried, up to ``max_attempts`` tries in all."""
+    import ray
+    from ray.exceptions import RayActorError, WorkerCrashedError
+
+    if not todo:
+        return
+    run = plan.run
+    workers, cpus, gpus, device = _worker_layout(run, ray.cluster_resources())
+    workers = min(workers, len(todo))
+    settings = WorkerSettings(
+        run=run, run_id=plan.run_id, metadata=plan.metadata(), patch_pixels=plan.patch_pixels,
+        image_side=plan.image_side, device=device, threads=int(cpus),
+    )
+    actor_class = ray.remote(ShardWorker).options(
+        num_cpus=cpus, num_gpus=gpus, max_restarts=-1, max_task_retries=0)
+    actors = [actor_class.remote(settings) for _ in range(workers)]
+    crash_shard = os.environ.get(_CRASH_SHARD_ENV)
+    attempts: dict[int, int] = {}
+    queue = list(todo)
+    in_flight: dict[Any, tuple[int, int]] = {}  # ref -> (shard, actor)
+
+    def submit(actor: int) -> None:
+        shard = queue.pop(0)
+        attempts[shard] = attempts.get(shard, 0) + 1
+        crash = crash_shard == str(shard) and attempts[shard] == 1
+        in_flight[actors[actor].run.remote(plan.task(shard, crash))] = (shard, actor)
+
+    for actor in range(workers):
+        for _ in range(2):
+            if queue:
+                submit(actor)
+    while in_flight:
+        done, _ = ray.wait(list(in_flight), num_returns=1)
+        shard, actor = in_flight.pop(done[0])
+        try:
+            summary = ray.get(done[0])
+        except (RayActorError, WorkerCrashedError) as exc:
+            if attempts[shard] >= max_attempts:
+                raise RuntimeError(f"shard {shard} failed {attempts[shard]} times: {exc}") from exc
+            print(f"worker lost on shard {shard} (attempt {attempts[shard]}); retrying",
+                  file=sys.stderr)
+            queue.insert(0, shard)
+        else:
+            if on_shard is not None:
+                on_shard(summary)
+        if queue:
+            submit(actor)
+
+
+def init_ray(address: str | None) -> bool:
+    """Connect to Ray: embedded local by default. True when this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if address is None:
+        ray.init(address="local", include_dashboard=False, logging_level="WARNING",
+                 log_to_driver=False)
+    else:
+        ray.init(address=address, logging_level="WARNING")
+    return True
+
+
+def run_certification(
+    run: RunConfig, progress: Callable[[ShardSummary], None] | None = None,
+    on_plan: Callable[[Plan, list[int]], None] | None = None,
+) -> RunSummary:
+    """Plan, check the output, run the missing shards on Ray and summarise."""
+    import ray
+
+    started = time.perf_counter()
+    plan = make_plan(run)
+    todo = prepare_output(plan)
+    if on_plan is not None:
+        on_plan(plan, todo)
+    if todo:
+        owned = init_ray(run.address)
+        try:
+            execute(plan, todo, progress)
+        finally:
+            if owned:
+                ray.shutdown()
+    table = collect(plan)
+    errors = sum(1 for status in table.column("status").to_pylist() if status == "error")
+    per_image = len(plan.patch_pixels) * len(run.methods)
+    return RunSummary(
+        images=len(plan.records), errors=errors // per_image, shards=len(plan.shards),
+        shards_skipped=len(plan.shards) - len(todo), wall_s=time.perf_counter() - started,
+        table=table,
+    )

@@ -1,0 +1,187 @@
+"""End-to-end runs of ``scalecert certify`` with an embedded local Ray, on real data."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from pipeline.cli import main
+from pipeline.data import load_image_folder
+from scalecert import CertConfig, Certifier, load_model
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """One local Ray for the module (the driver reuses an initialised Ray and leaves it up)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
+             log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def subset(source: Path, target: Path, per_class: int) -> Path:
+    """The first ``per_class`` images of every class folder of ``source``, copied to ``target``."""
+    for folder in sorted(p for p in source.iterdir() if p.is_dir()):
+        (target / folder.name).mkdir(parents=True)
+        for path in sorted(folder.iterdir())[:per_class]:
+            shutil.copy(path, target / folder.name / path.name)
+    return target
+
+
+def certify(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, ["certify", "--quiet", *args])
+    return result.exit_code, result.output + (repr(result.exception) if result.exception else "")
+
+
+def read_rows(out: Path) -> list[dict]:
+    parts = sorted((out / "certificates").glob("part-*.parquet"))
+    return [row for part in parts for row in pq.read_table(part).to_pylist()]
+
+
+def test_cifar10_run_two_patches_two_methods_then_resume(
+    ray_session, tmp_path, cifar10_test_dir, resnet20_checkpoint
+) -> None:
+    data = subset(cifar10_test_dir, tmp_path / "cifar", per_class=20)
+    out = tmp_path / "run"
+    args = ["--data", str(data), "--model", "cifar_resnet20", "--checkpoint",
+            str(resnet20_checkpoint), "--patch", "2.4%", "--patch", "0.4%", "--method",
+            "scalecert", "--method", "masking", "--out", str(out), "--shard-size", "64"]
+    code, output = certify(*args)
+    assert code == 0, output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["dataset"]["images"] == 200 and len(manifest["shards"]) == 4
+    assert manifest["patch_px"] == [5, 2]
+    rows = read_rows(out)
+    assert len(rows) == 200 * 2 * 2
+    keys = {(r["image_id"], r["patch_px"], r["method"]) for r in rows}
+    assert len(keys) == len(rows)
+    assert all(r["status"] == "ok" and r["run_id"] == manifest["run_id"] for r in rows)
+    metadata = pq.read_schema(out / "certificates" / "part-00000.parquet").metadata
+    assert json.loads(metadata[b"scalecert"])["fingerprint"] == manifest["fingerprint"]
+    assert "certified accuracy scalecert    5 px" in output
+
+    # the pipeline's certificates are the library's certificates
+    images, labels = load_image_folder(data)
+    model = load_model("cifar_resnet20", checkpoint=resnet20_checkpoint)
+    direct = Certifier(model, CertConfig(patch_px=5, top_k=0.15)).certify(images, labels)
+    ids = sorted(p.relative_to(data).as_posix() for p in data.glob("*/*"))
+    pipeline_rows = {r["image_id"]: r for r in rows if r["patch_px"] == 5 and r["method"] == "scalecert"}
+    assert [pipeline_rows[i]["certified"] for i in ids] == direct.certified.tolist()
+    assert [pipeline_rows[i]["prediction"] for i in ids] == direct.prediction.tolist()
+    assert [pipeline_rows[i]["clean_output"] for i in ids] == direct.clean_output.tolist()
+
+    # resume: nothing is recomputed
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "certificates").iterdir()}
+    code, output = certify(*args)
+    assert code == 0, output
+    assert "4 of 4 shards already done" in output
+    assert {p: p.stat().st_mtime_ns for p in (out / "certificates").iterdir()} == stamps
+
+    # another configuration into the same folder is refused before any work
+    code, output = certify(*args, "--top-k", "0.2")
+    assert code != 0 and "different configuration" in output
+    assert {p: p.stat().st_mtime_ns for p in (out / "certificates").iterdir()} == stamps
+
+
+def test_a_worker_killed_mid_shard_loses_nothing(
+    ray_session, tmp_path, cifar10_test_dir, resnet20_checkpoint, monkeypatch
+) -> None:
+    data = subset(cifar10_test_dir, tmp_path / "cifar", per_class=6)
+    out = tmp_path / "run"
+    monkeypatch.setenv("SCALECERT_TEST_CRASH_SHARD", "1")
+    code, output = certify("--data", str(data), "--model", "cifar_resnet20", "--checkpoint",
+                           str(resnet20_checkpoint), "--patch", "5", "--out", str(out),
+                           "--shard-size", "20", "--workers", "2")
+    assert code == 0, output
+    assert "worker lost on shard 1 (attempt 1); retrying" in output
+    rows = read_rows(out)
+    assert sorted(r["image_id"] for r in rows) == sorted(
+        p.relative_to(data).as_posix() for p in data.glob("*/*"))
+    assert len({r["shard"] for r in rows}) == 3
+
+
+def bad_image_zoo(root: Path, good_jpeg: bytes) -> dict[str, str | None]:
+    """Write a class folder of odd files; returns image_id -> expected error fragment."""
+    folder = root / "cat"
+    folder.mkdir(parents=True)
+    rgb = Image.open(io.BytesIO(good_jpeg)).convert("RGB")
+
+    def save(name: str, image: Image.Image, fmt: str) -> None:
+        image.save(folder / name, format=fmt)
+
+    (folder / "a-good.jpg").write_bytes(good_jpeg)
+    (folder / "b-empty.jpg").write_bytes(b"")
+    (folder / "c-truncated.jpg").write_bytes(good_jpeg[: len(good_jpeg) // 2])
+    (folder / "d-not-an-image.jpg").write_bytes(b"hello, this is text\n" * 10)
+    save("e-cmyk.jpg", rgb.convert("CMYK"), "JPEG")
+    save("f-grey.jpg", rgb.convert("L"), "JPEG")
+    save("g-alpha.png", rgb.convert("RGBA"), "PNG")
+    save("h-tiny.png", rgb.resize((1, 1)), "PNG")
+    save("i-wrong-size.png", rgb.resize((40, 24)), "PNG")
+    (root / "stray.jpg").write_bytes(good_jpeg)  # not in a class folder: no label
+    return {
+        "cat/a-good.jpg": None, "cat/b-empty.jpg": "empty", "cat/c-truncated.jpg": "truncated",
+        "cat/d-not-an-image.jpg": "not an image", "cat/e-cmyk.jpg": None, "cat/f-grey.jpg": None,
+        "cat/g-alpha.png": None, "cat/h-tiny.png": "too small", "cat/i-wrong-size.png": "40x24",
+        "stray.jpg": "no label",
+    }
+
+
+def test_bad_images_become_error_rows_and_the_run_finishes(
+    ray_session, tmp_path, cifar10_test_dir, resnet20_checkpoint
+) -> None:
+    good = (cifar10_test_dir / "cat" / "0000.jpg").read_bytes()
+    expected = bad_image_zoo(tmp_path / "zoo", good)
+    out = tmp_path / "run"
+    code, output = certify("--data", str(tmp_path / "zoo"), "--model", "cifar_resnet20",
+                           "--checkpoint", str(resnet20_checkpoint), "--patch", "5",
+                           "--out", str(out))
+    assert code == 0, output
+    rows = {r["image_id"]: r for r in read_rows(out)}
+    assert set(rows) == set(expected)
+    for image_id, fragment in expected.items():
+        row = rows[image_id]
+        if fragment is None:
+            assert row["status"] == "ok", (image_id, row["error"])
+            assert row["prediction"] is not None
+        else:
+            assert row["status"] == "error" and fragment in row["error"], (image_id, row["error"])
+            assert row["certified"] is False and row["prediction"] is None
+    assert "6 errors" in output
+
+
+def test_imagenet_sample_with_resnet50(ray_session, tmp_path, shared_dir) -> None:
+    source = shared_dir / "data" / "imagenet-sample"
+    root = tmp_path / "imagenet"
+    for path in sorted(source.glob("*.JPEG")):
+        synset = path.name.split("_")[0]
+        (root / synset).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, root / synset / path.name)
+    out = tmp_path / "run"
+    torch.manual_seed(0)
+    synsets_file = source / "synsets.txt"
+    code, output = certify("--data", str(root), "--synsets", str(synsets_file), "--model",
+                           "resnet50", "--patch", "2%", "--masks-per-axis", "3", "--out", str(out),
+                           "--limit", "3", "--batch-size", "16")
+    assert code == 0, output
+    rows = read_rows(out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["dataset"]["listed"] == len(list(source.glob("*.JPEG")))
+    assert manifest["patch_px"] == [32] and manifest["image_side"] == 224
+    assert len(rows) == 3 and all(r["status"] == "ok" and r["n_masks"] == 9 for r in rows)
+    synsets = [line.split()[0] for line in synsets_file.read_text().splitlines() if line.strip()]
+    assert len(synsets) == 1000
+    assert [r["label"] for r in sorted(rows, key=lambda r: r["image_id"])] == [
+        synsets.index(r["image_id"].split("/")[0]) for r in sorted(rows, key=lambda r: r["image_id"])]
