@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -80,7 +81,8 @@ def _run_and_report(run: Any, quiet: bool) -> None:
     progress.close()
     click.echo(f"run {run.out}: {summary.images} images in {summary.shards} shards "
                f"({summary.shards_skipped} already done), {summary.errors} errors, "
-               f"{summary.wall_s:.1f} s, {summary.images_per_s:.1f} images/s")
+               f"{summary.wall_s:.1f} s"
+               + (f", {summary.images_per_s:.1f} images/s" if summary.images_run else ""))
     for (patch_px, method), accuracy in summary.certified_accuracy().items():
         click.echo(f"  certified accuracy {method:<10} {patch_px:>3} px: {100 * accuracy:5.1f}%")
 
@@ -96,10 +98,13 @@ def demo_command(out: str, workdir: str, quiet: bool) -> None:
     from pipeline.demo import demo_cert_config, train_demo_model
     from pipeline.synthetic import write_synthetic_dataset
 
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
     work = Path(workdir)
     click.echo(f"1/3 synthetic data set (procedural, 10 classes, 32x32) in {work / 'data'}")
     data = write_synthetic_dataset(work / "data")
-    click.echo(f"2/3 SIN fine-tuning of cifar_resnet20 on it (reused when present)")
+    click.echo("2/3 SIN fine-tuning of cifar_resnet20 on it, from scratch (reused when present)")
     checkpoint = train_demo_model(
         data, work / "model" / "cifar_resnet20-synthetic.pt",
         on_epoch=lambda m: click.echo(f"    epoch {m.epoch}: loss {m.loss:.3f}, "
@@ -108,7 +113,7 @@ def demo_command(out: str, workdir: str, quiet: bool) -> None:
     click.echo(f"3/3 certifying the test split through the pipeline (local Ray) into {out}")
     run = RunConfig(
         data=str(Path(data) / "test"), model="cifar_resnet20", checkpoint=str(checkpoint),
-        out=out, patches=(str(cert.patch_px),), methods=("scalecert", "masking"),
+        out=out, patches=(str(cert.patch_px),), methods=("scalecert",),
         top_k=cert.top_k, masks_per_axis=cert.masks_per_axis or 6, shard_size=100,
     )
     _run_and_report(run, quiet)

@@ -137,16 +137,18 @@ def prepare_output(plan: Plan) -> list[int]:
 
 @dataclass(frozen=True)
 class RunSummary:
-    images: int
-    errors: int
+    images: int  # listed images, all with certificate rows
+    errors: int  # images whose rows have status "error"
     shards: int
-    shards_skipped: int
+    shards_skipped: int  # done by an earlier run (resume)
+    images_run: int  # images certified by this run
     wall_s: float
     table: pa.Table
 
     @property
     def images_per_s(self) -> float:
-        return self.images / self.wall_s if self.wall_s > 0 else float("nan")
+        """Throughput of this run (resumed shards excluded)."""
+        return self.images_run / self.wall_s if self.wall_s > 0 else float("nan")
 
     def certified_accuracy(self) -> dict[tuple[int, str], float]:
         """Per (patch_px, method): certified images / all listed images (errors count)."""
@@ -283,6 +285,8 @@ def run_certification(
     per_image = len(plan.patch_pixels) * len(run.methods)
     return RunSummary(
         images=len(plan.records), errors=errors // per_image, shards=len(plan.shards),
-        shards_skipped=len(plan.shards) - len(todo), wall_s=time.perf_counter() - started,
+        shards_skipped=len(plan.shards) - len(todo),
+        images_run=sum(plan.shards[i][1] - plan.shards[i][0] for i in todo),
+        wall_s=time.perf_counter() - started,
         table=table,
     )

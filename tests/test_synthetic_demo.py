@@ -1,0 +1,214 @@
+"""The offline demo's data and model: the synthetic texture set and the demo training run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import pipeline.synthetic as synthetic
+from pipeline.data import load_image_folder
+from pipeline.demo import demo_cert_config, demo_finetune_config, train_demo_model
+from pipeline.synthetic import synthetic_classes, write_synthetic_dataset
+from scalecert import Certifier, load_model
+
+SMALL = {"train_per_class": 3, "test_per_class": 2}
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def _mtimes(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")}
+
+
+def _leftovers(folder: Path) -> list[str]:
+    """Hidden staging or trash folders next to the dataset."""
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_ten_sorted_descriptive_classes() -> None:
+    names = synthetic_classes()
+    assert len(names) == 10 == len(set(names))
+    assert list(names) == sorted(names)
+    assert {"checker", "rings", "stripes-horizontal", "stripes-vertical"} <= set(names)
+
+
+def test_layout_counts_and_png_format(tmp_path: Path) -> None:
+    root = write_synthetic_dataset(tmp_path / "synth", **SMALL, seed=0)
+    assert root == tmp_path / "synth"
+    assert sorted(p.name for p in root.iterdir()) == ["synthetic.json", "test", "train"]
+    for split, count in (("train", 3), ("test", 2)):
+        assert sorted(p.name for p in (root / split).iterdir()) == list(synthetic_classes())
+        for name in synthetic_classes():
+            files = sorted((root / split / name).iterdir())
+            assert [p.name for p in files] == [f"{i:04d}.png" for i in range(count)]
+            for path in files:
+                with Image.open(path) as image:
+                    assert (image.format, image.mode, image.size) == ("PNG", "RGB", (32, 32))
+    description = json.loads((root / "synthetic.json").read_text())
+    assert description["seed"] == 0 and description["version"] >= 1
+    assert description["per_class"] == {"train": 3, "test": 2}
+    assert description["classes"] == list(synthetic_classes())
+    images, labels = load_image_folder(root / "train")
+    assert images.shape == (30, 3, 32, 32)
+    assert labels.tolist() == [c for c in range(10) for _ in range(3)]
+    assert _leftovers(tmp_path) == []
+
+
+def test_same_seed_same_bytes_different_seed_different(tmp_path: Path) -> None:
+    first = _files(write_synthetic_dataset(tmp_path / "a", **SMALL, seed=0))
+    second = _files(write_synthetic_dataset(tmp_path / "b", **SMALL, seed=0))
+    other = _files(write_synthetic_dataset(tmp_path / "c", **SMALL, seed=1))
+    assert first == second
+    assert first.keys() == other.keys()
+    pngs = [k for k in first if k.endswith(".png")]
+    assert all(first[k] != other[k] for k in pngs)
+    # Images are drawn per (split, class, index): more images only append.
+    larger = _files(write_synthetic_dataset(tmp_path / "d", train_per_class=4,
+                                            test_per_class=2, seed=0))
+    assert all(larger[k] == first[k] for k in pngs)
+
+
+def test_all_images_of_a_class_differ(tmp_path: Path) -> None:
+    root = write_synthetic_dataset(tmp_path / "synth", train_per_class=5, test_per_class=5)
+    images, _ = load_image_folder(root / "train")
+    test_images, _ = load_image_folder(root / "test")
+    everything = torch.cat([images, test_images]).flatten(1)
+    assert len(torch.unique(everything, dim=0)) == len(everything)
+
+
+def test_second_call_does_not_rewrite(tmp_path: Path) -> None:
+    root = write_synthetic_dataset(tmp_path / "synth", **SMALL)
+    before = _mtimes(root)
+    assert write_synthetic_dataset(tmp_path / "synth", **SMALL) == root
+    assert _mtimes(root) == before
+    # A different description is a different dataset: rewritten.
+    write_synthetic_dataset(tmp_path / "synth", train_per_class=4, test_per_class=2)
+    assert json.loads((root / "synthetic.json").read_text())["per_class"]["train"] == 4
+    assert len(list((root / "train" / "rings").iterdir())) == 4
+
+
+def test_interrupted_write_is_detected_and_regenerated(tmp_path: Path, monkeypatch) -> None:
+    reference = _files(write_synthetic_dataset(tmp_path / "reference", **SMALL))
+    root = tmp_path / "synth"
+    real_write = synthetic._write_png
+    calls = []
+
+    def failing_write(path: Path, pixels) -> None:
+        calls.append(path)
+        if len(calls) > 7:
+            raise KeyboardInterrupt("simulated interruption")
+        real_write(path, pixels)
+
+    monkeypatch.setattr(synthetic, "_write_png", failing_write)
+    with pytest.raises(KeyboardInterrupt):
+        write_synthetic_dataset(root, **SMALL)
+    assert not root.exists()  # nothing half-written under the real name
+    monkeypatch.undo()
+    assert _files(write_synthetic_dataset(root, **SMALL)) == reference
+
+    # A run killed outright can leave a partial tree without the description; a deleted image
+    # or a stale description also marks the set incomplete.
+    (root / "synthetic.json").unlink()
+    (root / "train" / "rings" / "0001.png").unlink()
+    assert _files(write_synthetic_dataset(root, **SMALL)) == reference
+    (root / "test" / "checker" / "0000.png").unlink()
+    assert _files(write_synthetic_dataset(root, **SMALL)) == reference
+    assert _leftovers(tmp_path) == []
+
+
+def test_refuses_to_replace_a_foreign_folder(tmp_path: Path) -> None:
+    root = tmp_path / "mine"
+    root.mkdir()
+    (root / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="root"):
+        write_synthetic_dataset(root, **SMALL)
+    assert (root / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize(("values", "field"), [
+    ({"train_per_class": 0}, "train_per_class"),
+    ({"test_per_class": 2.5}, "test_per_class"),
+    ({"seed": -1}, "seed"),
+])
+def test_invalid_arguments_name_the_field(tmp_path: Path, values: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        write_synthetic_dataset(tmp_path / "synth", **values)
+
+
+def test_demo_config_is_the_documented_setting() -> None:
+    cert = demo_cert_config()
+    assert (cert.patch_px, cert.top_k, cert.masks_per_axis, cert.method) == (
+        5, 0.15, 6, "scalecert")
+    assert demo_finetune_config(epochs=3, seed=4).cert == cert
+    assert demo_finetune_config(epochs=3, seed=4).epochs == 3
+
+
+def test_small_training_run_writes_a_loadable_checkpoint_once(tmp_path: Path) -> None:
+    root = write_synthetic_dataset(tmp_path / "synth", train_per_class=4, test_per_class=1)
+    checkpoint = tmp_path / "models" / "demo.pt"
+    seen = []
+    assert train_demo_model(root, checkpoint, epochs=1, on_epoch=seen.append) == checkpoint
+    sidecar = Path(f"{checkpoint}.json")
+    assert checkpoint.is_file() and sidecar.is_file()
+    assert [m.epoch for m in seen] == [1]
+    metadata = json.loads(sidecar.read_text())
+    assert metadata["model"] == "cifar_resnet20"
+    assert metadata["finetune_config"] == json.loads(demo_finetune_config(1).to_json())
+    assert [e["epoch"] for e in metadata["epochs"]] == [1]
+    assert metadata["data"]["synthetic"]["per_class"] == {"train": 4, "test": 1}
+    assert metadata["train_images"] == 40
+
+    model = load_model("cifar_resnet20", checkpoint=checkpoint)
+    assert model.num_classes == 10
+    images, labels = load_image_folder(root / "test", limit=4)
+    result = Certifier(model, demo_cert_config()).certify(images, labels)
+    assert result.prediction.shape == (4,) and int(result.n_masks[0]) == 36
+
+    # Same config and data: skipped (nothing rewritten, no epochs run).
+    before = (checkpoint.stat().st_mtime_ns, sidecar.stat().st_mtime_ns)
+    train_demo_model(root, checkpoint, epochs=1, on_epoch=seen.append)
+    assert (checkpoint.stat().st_mtime_ns, sidecar.stat().st_mtime_ns) == before
+    assert len(seen) == 1
+    # A different config retrains.
+    train_demo_model(root, checkpoint, epochs=1, seed=1, on_epoch=seen.append)
+    assert len(seen) == 2
+    assert json.loads(sidecar.read_text())["finetune_config"]["seed"] == 1
+
+
+def test_training_needs_a_train_split(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="data_root"):
+        train_demo_model(tmp_path, tmp_path / "demo.pt")
+
+
+@pytest.mark.slow
+def test_scalecert_demo_end_to_end_then_idempotent(tmp_path: Path) -> None:
+    """`scalecert demo` (what `make demo` runs): generation, SIN training from scratch, and
+    certification of the 500 test images through the Ray pipeline; a second run reuses all."""
+    import pyarrow.parquet as pq
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    args = ["demo", "--quiet", "--out", str(tmp_path / "run"), "--workdir", str(tmp_path / "work")]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output + repr(first.exception)
+    rows = [row for part in sorted((tmp_path / "run" / "certificates").glob("*.parquet"))
+            for row in pq.read_table(part).to_pylist()]
+    assert len(rows) == 500 and all(r["status"] == "ok" for r in rows)
+    pruned = sum(r["prediction"] == r["label"] for r in rows) / len(rows)
+    certified = sum(r["certified"] for r in rows) / len(rows)
+    assert pruned >= 0.9, pruned
+    assert certified >= 0.5, certified
+    assert f"certified accuracy scalecert    5 px: {100 * certified:5.1f}%" in first.output
+
+    second = CliRunner().invoke(main, args)
+    assert second.exit_code == 0, second.output + repr(second.exception)
+    assert "epoch" not in second.output and "5 of 5 shards already done" in second.output
