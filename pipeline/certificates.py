@@ -110,10 +110,13 @@ def to_parquet_bytes(rows: list[dict[str, Any]], metadata: dict[str, Any]) -> by
 
 def read_metadata(data: bytes) -> dict[str, Any]:
     """The run metadata stored in a certificate file (empty if it has none)."""
-    schema = pq.read_schema(io.BytesIO(data))
+    schema = pq.read_schema(pa.BufferReader(data))
     raw = (schema.metadata or {}).get(METADATA_KEY)
     return json.loads(raw) if raw else {}
 
 
 def read_table(data: bytes) -> pa.Table:
-    return pq.read_table(io.BytesIO(data))
+    """A certificate file's rows. Read without pyarrow's background pre-buffering: its I/O
+    threads can release Python buffers while the interpreter exits, which aborts the process
+    (seen as a crash at the end of `ray job submit` runs)."""
+    return pq.read_table(pa.BufferReader(data), pre_buffer=False, use_threads=False)
