@@ -5,24 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from support import randomize_batchnorm
 from scalecert import ALERT, CertConfig, Certifier, create_model
 from scalecert.baselines import box_masks
 from scalecert.certify import detect_outcome
 from scalecert.masks import MaskFamily
 from scalecert.occlusion import EMPTY_BOX, SinPredictor
 from scalecert.sin import keep_count, keep_positions
-
-
-def randomised(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Random weights and batch-norm statistics, so predictions vary between images."""
-    generator = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.copy_(torch.randn(module.num_features, generator=generator) * 0.1)
-            module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
-            module.weight.data.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
-            module.bias.data.copy_(torch.randn(module.num_features, generator=generator) * 0.2)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +27,7 @@ def model(images) -> torch.nn.Module:
     """A random ResNet-20 whose classifier is standardised on the test images, so that its
     predictions differ between images and under masks (a plain random net predicts one class)."""
     torch.manual_seed(0)
-    net = randomised(create_model("cifar_resnet20"), seed=0)
+    net = randomize_batchnorm(create_model("cifar_resnet20"), seed=0).eval()
     with torch.no_grad():
         pooled = images
         for name, stage in net.stages()[:-1]:  # everything before the classifier

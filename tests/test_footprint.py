@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from torch import nn
 
+from support import randomize_batchnorm
 from scalecert.geometry import footprint, receptive_field
 from scalecert.models import create_model
 
@@ -40,17 +40,6 @@ def windows(n: int) -> list[tuple[int, int, int, int]]:
         (5, n - 1, 12, n),  # right edge, one column wide
     ]
 
-
-def randomize_bn(model: nn.Module, generator: torch.Generator) -> None:
-    """Random BN affine parameters and running statistics (fresh BNs are near-identity)."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                c = m.num_features
-                m.weight.copy_(torch.rand(c, generator=generator) + 0.5)
-                m.bias.copy_(0.2 * torch.randn(c, generator=generator))
-                m.running_mean.copy_(0.2 * torch.randn(c, generator=generator))
-                m.running_var.copy_(torch.rand(c, generator=generator) + 0.5)
 
 
 def perturbations(shape: torch.Size, trial: int) -> torch.Tensor:
@@ -82,9 +71,7 @@ def one_thread() -> Iterator[None]:
 def test_footprint_is_exact(name: str, layer: str, side: int, one_thread: None) -> None:
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
-    model = create_model(name)
-    randomize_bn(model, generator)
-    model.eval()
+    model = randomize_batchnorm(create_model(name), seed=0).eval()
     split = model.split(layer)
     x = torch.rand(1, 3, side, side, generator=generator)
     with torch.no_grad():

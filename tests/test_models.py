@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from support import randomize_batchnorm
 from scalecert.models import (
     StagedClassifier,
     available_models,
@@ -23,19 +24,7 @@ IMAGENET_MODELS = ("resnet18", "resnet50")
 BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
-def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every BatchNorm random affine parameters and running statistics (fresh models
-    have identity BNs, which would let key or buffer mix-ups go unnoticed)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                c = m.num_features
-                m.weight.copy_(torch.rand(c, generator=generator) + 0.5)
-                m.bias.copy_(0.1 * torch.randn(c, generator=generator))
-                m.running_mean.copy_(0.1 * torch.randn(c, generator=generator))
-                m.running_var.copy_(torch.rand(c, generator=generator) + 0.5)
-    return model
+
 
 
 def test_available_models_sorted_and_complete() -> None:
@@ -84,7 +73,7 @@ def test_num_classes_override() -> None:
 )
 def test_head_of_stem_is_the_model(name: str, layer: str) -> None:
     torch.manual_seed(1)
-    model = randomize(create_model(name), seed=1).eval()
+    model = randomize_batchnorm(create_model(name), seed=1, spread=0.1).eval()
     side = 32 if model.input_size == 32 else 64  # ImageNet models at a reduced side: fast
     x = torch.rand(2, 3, side, side)
     split = model.split(layer)
@@ -172,7 +161,7 @@ def _outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("wrap", ["plain", "module_state_dict", "model"])
 def test_save_and_load_round_trip(tmp_path: Path, wrap: str) -> None:
     torch.manual_seed(2)
-    model = randomize(create_model("cifar_resnet20", num_classes=7), seed=2).eval()
+    model = randomize_batchnorm(create_model("cifar_resnet20", num_classes=7), seed=2, spread=0.1).eval()
     x = torch.rand(3, 3, 32, 32)
     path = tmp_path / "model.pt"
     sha = save_checkpoint(model, path, {"epoch": 3, "note": "round trip"})
@@ -203,7 +192,7 @@ def test_save_without_metadata_writes_no_sidecar(tmp_path: Path) -> None:
 
 
 def test_missing_num_batches_tracked_is_tolerated(tmp_path: Path) -> None:
-    model = randomize(create_model("cifar_resnet20"), seed=3).eval()
+    model = randomize_batchnorm(create_model("cifar_resnet20"), seed=3, spread=0.1).eval()
     state = {k: v for k, v in model.state_dict().items() if "num_batches_tracked" not in k}
     torch.save(state, tmp_path / "m.pt")
     x = torch.rand(1, 3, 32, 32)
