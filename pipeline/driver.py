@@ -66,7 +66,8 @@ class Plan:
             **self.metadata(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "dataset": {"source": self.dataset.root, "layout": self.dataset.layout,
-                        "classes": len(self.dataset.classes), "listed": len(self.dataset),
+                        "classes": len(self.dataset.classes),
+                        "class_names": list(self.dataset.classes), "listed": len(self.dataset),
                         "images": len(self.records)},
             "image_side": self.image_side,
             "shards": [

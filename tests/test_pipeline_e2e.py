@@ -62,6 +62,7 @@ def test_cifar10_run_two_patches_two_methods_then_resume(
     assert code == 0, output
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["dataset"]["images"] == 200 and len(manifest["shards"]) == 4
+    assert manifest["dataset"]["class_names"][:3] == ["airplane", "automobile", "bird"]
     assert manifest["patch_px"] == [5, 2]
     rows = read_rows(out)
     assert len(rows) == 200 * 2 * 2
