@@ -75,7 +75,7 @@ def _run_and_report(run: Any, quiet: bool) -> None:
     progress = ProgressLine(enabled=not quiet)
     try:
         summary = run_certification(run, progress=progress.shard_done, on_plan=progress.start)
-    except (ValueError, FileNotFoundError, RunRefused) as exc:
+    except (ValueError, FileNotFoundError, RunRefused, RuntimeError) as exc:
         progress.close()
         raise click.ClickException(str(exc)) from None
     progress.close()

@@ -27,8 +27,10 @@ from pipeline import storage
 from pipeline.certificates import read_metadata, read_table
 from pipeline.config import RunConfig
 from pipeline.sources import Dataset, ImageRecord, open_dataset
-from pipeline.worker import ShardSummary, ShardTask, ShardWorker, WorkerSettings, part_location
-from scalecert import __version__, create_model
+from pipeline.worker import (
+    ShardSummary, ShardTask, ShardWorker, WorkerSettings, load_run_model, part_location,
+)
+from scalecert import __version__
 
 _CRASH_SHARD_ENV = "SCALECERT_TEST_CRASH_SHARD"  # tests: the first try at this shard kills its worker
 
@@ -81,7 +83,10 @@ class Plan:
 def make_plan(run: RunConfig) -> Plan:
     """List the data and fix everything the workers need, without starting Ray."""
     s3 = storage.S3Options(endpoint=run.s3_endpoint)
-    model = create_model(run.model)
+    try:  # the weights are checked here, before any shard: a bad checkpoint fails fast
+        model = load_run_model(run, s3)
+    except FileNotFoundError as exc:
+        raise ValueError(f"--checkpoint: {exc}") from None
     image_side = model.input_size
     patch_pixels = run.patch_pixels(image_side)
     if len(set(patch_pixels)) != len(patch_pixels):
@@ -90,11 +95,7 @@ def make_plan(run: RunConfig) -> Plan:
     for px in patch_pixels:
         if px > image_side:
             raise ValueError(f"--patch: {px} px is larger than the {image_side} px images")
-    checkpoint_sha = None
-    if run.checkpoint is not None:
-        if not storage.exists(run.checkpoint, s3):
-            raise ValueError(f"--checkpoint: {run.checkpoint} does not exist")
-        checkpoint_sha = hashlib.sha256(storage.read_bytes(run.checkpoint, s3)).hexdigest()
+    checkpoint_sha = model.checkpoint_sha256
     dataset = open_dataset(run.data, s3=s3, ground_truth=run.ground_truth, synsets=run.synsets)
     records = dataset.records[:run.limit]
     shards = tuple(

@@ -26,6 +26,7 @@ from pipeline.config import RunConfig
 from pipeline.images import ImageError, Preprocess, decode, to_batch
 from pipeline.sources import ImageRecord
 from scalecert import Certifier, load_model
+from scalecert.models import StagedClassifier
 
 
 @dataclass(frozen=True)
@@ -63,14 +64,15 @@ def part_location(out: str, shard: int) -> str:
     return storage.join(out, "certificates", f"part-{shard:05d}.parquet")
 
 
-def _load_checkpoint(checkpoint: str | None, s3: storage.S3Options) -> tuple[str | None, Any]:
-    """A local path for the checkpoint (S3 checkpoints are downloaded to a temp file)."""
-    if checkpoint is None or not storage.is_s3(checkpoint):
-        return checkpoint, None
-    folder = tempfile.TemporaryDirectory(prefix="scalecert-ckpt-")
-    path = Path(folder.name) / Path(checkpoint).name
-    path.write_bytes(storage.read_bytes(checkpoint, s3))
-    return str(path), folder
+def load_run_model(run: RunConfig, s3: storage.S3Options) -> StagedClassifier:
+    """The run's model with its checkpoint loaded (an ``s3://`` checkpoint is downloaded to a
+    temporary file first). ``model.checkpoint_sha256`` fingerprints the weights."""
+    if run.checkpoint is None or not storage.is_s3(run.checkpoint):
+        return load_model(run.model, checkpoint=run.checkpoint)
+    with tempfile.TemporaryDirectory(prefix="scalecert-ckpt-") as folder:
+        path = Path(folder) / Path(run.checkpoint).name
+        path.write_bytes(storage.read_bytes(run.checkpoint, s3))
+        return load_model(run.model, checkpoint=path)
 
 
 class ShardWorker:
@@ -81,8 +83,7 @@ class ShardWorker:
         self.settings = settings
         run = settings.run
         self.s3 = storage.S3Options(endpoint=run.s3_endpoint)
-        checkpoint, self._checkpoint_dir = _load_checkpoint(run.checkpoint, self.s3)
-        self.model = load_model(run.model, checkpoint=checkpoint)
+        self.model = load_run_model(run, self.s3)
         self.num_classes = self.model.num_classes
         self.preprocess = Preprocess.for_input_size(settings.image_side)
         self.certifiers = [

@@ -186,3 +186,4 @@ def test_imagenet_sample_with_resnet50(ray_session, tmp_path, shared_dir) -> Non
     assert len(synsets) == 1000
     assert [r["label"] for r in sorted(rows, key=lambda r: r["image_id"])] == [
         synsets.index(r["image_id"].split("/")[0]) for r in sorted(rows, key=lambda r: r["image_id"])]
+
