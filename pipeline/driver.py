@@ -192,6 +192,22 @@ def _worker_layout(run: RunConfig, resources: dict[str, float]) -> tuple[int, fl
     return workers, max(1.0, cpus // workers), 0.0, "cpu"
 
 
+def _cluster_resources(run: RunConfig, timeout_s: float = 600.0) -> dict[str, float]:
+    """The cluster's resources. With ``--device cuda`` on an existing cluster, wait (up to
+    ``timeout_s``) for GPU nodes to join: an autoscaling cluster may start with none."""
+    import ray
+
+    resources = ray.cluster_resources()
+    if run.device != "cuda" or run.address is None or resources.get("GPU", 0) > 0:
+        return resources
+    print("waiting for GPU workers to join the cluster ...", file=sys.stderr)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and resources.get("GPU", 0) <= 0:
+        time.sleep(5.0)
+        resources = ray.cluster_resources()
+    return resources
+
+
 def execute(
     plan: Plan,
     todo: list[int],
@@ -206,7 +222,7 @@ def execute(
     if not todo:
         return
     run = plan.run
-    workers, cpus, gpus, device = _worker_layout(run, ray.cluster_resources())
+    workers, cpus, gpus, device = _worker_layout(run, _cluster_resources(run))
     workers = min(workers, len(todo))
     settings = WorkerSettings(
         run=run, run_id=plan.run_id, metadata=plan.metadata(), patch_pixels=plan.patch_pixels,
