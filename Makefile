@@ -8,6 +8,8 @@ INSTALLED := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 export RAY_USAGE_STATS_ENABLED := 0
+# Files tests keep for people to look at (the report screenshot): git-ignored.
+export SCALECERT_TEST_ARTIFACTS ?= $(CURDIR)/test-artifacts
 
 .PHONY: install test demo bench clean
 

@@ -119,5 +119,93 @@ def demo_command(out: str, workdir: str, quiet: bool) -> None:
     _run_and_report(run, quiet)
 
 
+EXIT_AUDIT_FAILED = 3
+EXIT_INCOMPLETE = 4
+
+
+@main.command("report")
+@click.argument("run")
+@click.option("--against", help="Earlier run of the same images: audit diff against it.")
+@click.option("--max-drop", type=float, default=1.0, show_default=True,
+              help="Audit: exit 3 when certified accuracy drops by more than this many "
+              "percentage points for any (method, patch).")
+@click.option("--archive", help="Copy the run folder and reports to "
+              "s3://bucket/prefix/<model>/<dataset>/<run_id>/ and verify every object.")
+@click.option("--out-dir", help="Where to write report.json/.md/.html (default: RUN).")
+@click.option("--allow-missing", is_flag=True,
+              help="Exit 0 even when shards are missing (they are reported either way).")
+@click.option("--worst", type=int, default=10, show_default=True,
+              help="Classes listed per (method, patch) in the worst-classes table.")
+@click.option("--thumbnails", type=int, default=24, show_default=True,
+              help="Clean-alert images embedded in report.html.")
+@click.option("--s3-endpoint", help="S3-compatible endpoint URL (default: $AWS_ENDPOINT_URL).")
+def report_command(run: str, against: str | None, max_drop: float, archive: str | None,
+                   out_dir: str | None, allow_missing: bool, worst: int, thumbnails: int,
+                   s3_endpoint: str | None) -> None:
+    """Reduce a run's certificates into report.json, report.md and report.html.
+
+    Exit codes: 0 ok; 1 refused (mixed fingerprints, rows contradicting the manifest, runs of
+    different data); 3 audit failed (--against, certified accuracy dropped > --max-drop pp);
+    4 shards missing (report still written; --allow-missing to accept).
+    """
+    from pipeline import storage
+    from pipeline.archive import ArchiveError, archive_run
+    from pipeline.published import load_published
+    from pipeline.reduce import ReportRefused, load_run
+    from pipeline.report import build_report, pct, signed_pp, write_report
+
+    if max_drop < 0:
+        raise click.BadParameter("must be >= 0", param_hint="--max-drop")
+    try:
+        s3 = storage.S3Options(endpoint=s3_endpoint)
+        data = load_run(run, s3)
+        previous = load_run(against, s3) if against else None
+        report = build_report(data, load_published(), previous, max_drop, worst)
+        written = write_report(report, out_dir or run, s3, thumbnails)
+    except (ReportRefused, ValueError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from None
+    comp = report["completeness"]
+    click.echo(f"run {report['run']['run_id']}: {comp['images_listed']} images, "
+               f"{comp['shards_present']}/{comp['shards_listed']} shards, "
+               f"{report['errors']['images']} errors, {report['clean_alerts']['total']} clean alerts")
+    for g in report["groups"]:
+        click.echo(f"  {g['method']:<12} {g['patch_px']:>3} px  certified "
+                   f"{pct(g['certified_accuracy'])}  clean {pct(g['clean_accuracy'])}")
+    if not comp["complete"]:
+        click.echo(f"MISSING shards {[m['index'] for m in comp['missing_shards']]}: "
+                   f"{comp['images_missing']} images counted as not certified", err=True)
+    diff = report["diff"]
+    if diff is not None:
+        click.echo(f"audit against {diff['against']} (run {diff['against_run_id']}), "
+                   f"max drop {diff['max_drop_pp']:g} pp:")
+        for g in diff["groups"]:
+            click.echo(f"  {g['method']:<12} {g['patch_px']:>3} px  certified "
+                       f"{signed_pp(g['certified_accuracy'])}  lost {len(g['lost_certification'])}"
+                       f" gained {len(g['gained_certification'])}  "
+                       f"{'FAILED' if g['failed'] else 'ok'}")
+            for image_id in g["lost_certification"][:20]:
+                click.echo(f"    lost: {image_id}")
+    click.echo("wrote " + ", ".join(written.locations))
+    if archive:
+        if not comp["complete"] and not allow_missing:
+            raise click.ClickException("not archiving an incomplete run (--allow-missing to "
+                                       "archive it anyway)")
+        try:
+            result = archive_run(run, archive, s3)
+            if out_dir is not None:
+                click.echo(f"note: reports in {out_dir} are not inside the run folder and were "
+                           "not archived")
+        except (ArchiveError, ValueError, FileNotFoundError) as exc:
+            raise click.ClickException(f"archive: {exc}") from None
+        click.echo(f"archived {result.verified} objects to {result.uri} ({len(result.uploaded)} "
+                   f"uploaded, {len(result.unchanged)} unchanged, all verified)")
+    if diff is not None and diff["failed"]:
+        click.echo("audit FAILED: certified accuracy dropped by more than "
+                   f"{diff['max_drop_pp']:g} pp", err=True)
+        sys.exit(EXIT_AUDIT_FAILED)
+    if not comp["complete"] and not allow_missing:
+        sys.exit(EXIT_INCOMPLETE)
+
+
 if __name__ == "__main__":
     sys.exit(main())
