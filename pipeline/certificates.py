@@ -16,6 +16,7 @@ from typing import Any, Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline import storage
 from scalecert import CertifyResult
 
 METADATA_KEY = b"scalecert"
@@ -39,6 +40,7 @@ SCHEMA = pa.schema([
     ("alert_box", pa.list_(pa.int64())),
     ("recovered_prediction", pa.int64()),
     ("latency_ms", pa.float64()),
+    ("mask_predictions", pa.list_(pa.int64())),  # per window, in family order (--full-map only)
 ])
 
 
@@ -58,8 +60,10 @@ def certified_rows(
     patch_px: int,
     result: CertifyResult,
     latency_ms: float,
+    with_mask_map: bool = False,
 ) -> list[dict[str, Any]]:
-    """Rows for images certified in one call (``latency_ms``: that call's time per image)."""
+    """Rows for images certified in one call (``latency_ms``: that call's time per image);
+    ``with_mask_map`` adds each image's per-window predictions (audits, ``--full-map``)."""
     rows = []
     for i, image_id in enumerate(image_ids):
         box = [int(v) for v in result.alert_box[i].tolist()]
@@ -75,6 +79,7 @@ def certified_rows(
             "alert_box": box if box[0] >= 0 else None,
             "recovered_prediction": recovered if recovered >= 0 else None,
             "latency_ms": latency_ms,
+            "mask_predictions": result.mask_predictions[i].tolist() if with_mask_map else None,
         })
     return rows
 
@@ -108,15 +113,20 @@ def to_parquet_bytes(rows: list[dict[str, Any]], metadata: dict[str, Any]) -> by
     return sink.getvalue()
 
 
-def read_metadata(data: bytes) -> dict[str, Any]:
-    """The run metadata stored in a certificate file (empty if it has none)."""
-    schema = pq.read_schema(pa.BufferReader(data))
-    raw = (schema.metadata or {}).get(METADATA_KEY)
+def read_metadata(location: str, s3: storage.S3Options | None = None) -> dict[str, Any]:
+    """The run metadata stored in the certificate file at ``location`` (empty if none)."""
+    filesystem, path = storage.resolve(location, s3)
+    with filesystem.open_input_file(path) as source:
+        raw = (pq.read_schema(source).metadata or {}).get(METADATA_KEY)
     return json.loads(raw) if raw else {}
 
 
-def read_table(data: bytes) -> pa.Table:
-    """A certificate file's rows. Read without pyarrow's background pre-buffering: its I/O
-    threads can release Python buffers while the interpreter exits, which aborts the process
-    (seen as a crash at the end of `ray job submit` runs)."""
-    return pq.read_table(pa.BufferReader(data), pre_buffer=False, use_threads=False)
+def read_table(location: str, s3: storage.S3Options | None = None) -> pa.Table:
+    """The rows of the certificate file at ``location``.
+
+    Read through pyarrow's own file objects, never from Python ``bytes``: pyarrow's I/O threads
+    can release a Python-owned buffer while the interpreter exits, which aborts the process
+    (seen at the end of `ray job submit` runs)."""
+    filesystem, path = storage.resolve(location, s3)
+    with filesystem.open_input_file(path) as source:
+        return pq.read_table(source)

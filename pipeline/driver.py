@@ -131,7 +131,7 @@ def prepare_output(plan: Plan) -> list[int]:
     for index in range(len(plan.shards)):
         location = part_location(run.out, index)
         if run.resume and storage.exists(location, s3):
-            if read_metadata(storage.read_bytes(location, s3)).get("fingerprint") == plan.fingerprint:
+            if read_metadata(location, s3).get("fingerprint") == plan.fingerprint:
                 continue
         todo.append(index)
     return todo
@@ -168,7 +168,7 @@ class RunSummary:
 def collect(plan: Plan) -> pa.Table:
     """All certificate rows of the run; checks one row per image x patch x method."""
     s3 = storage.S3Options(endpoint=plan.run.s3_endpoint)
-    tables = [read_table(storage.read_bytes(part_location(plan.run.out, i), s3))
+    tables = [read_table(part_location(plan.run.out, i), s3)
               for i in range(len(plan.shards))]
     table = pa.concat_tables(tables) if tables else pa.table({})
     expected = len(plan.records) * len(plan.patch_pixels) * len(plan.run.methods)

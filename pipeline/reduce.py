@@ -175,14 +175,13 @@ def load_run(location: str, s3: storage.S3Options | None = None) -> RunData:
             missing.append(MissingShard(index, int(shard["images"]), shard.get("first", ""),
                                         shard.get("last", "")))
             continue
-        data = storage.read_bytes(at, s3)
-        fingerprint = read_metadata(data).get("fingerprint")
+        fingerprint = read_metadata(at, s3).get("fingerprint")
         if fingerprint != manifest["fingerprint"]:
             raise ReportRefused(
                 f"{at}: fingerprint {str(fingerprint)[:16]} differs from manifest.json's "
                 f"{manifest['fingerprint'][:16]}: the shard belongs to another run (config, "
                 "model or data); refusing to mix results")
-        table = read_table(data)
+        table = read_table(at, s3)
         _check_shard(at, table, manifest, index, int(shard["images"]) * keys_per_image)
         tables.append(table)
     rows = pa.concat_tables(tables).to_pandas() if tables else _empty_rows()
