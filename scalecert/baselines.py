@@ -48,8 +48,9 @@ class OcclusionPredictor:
     def prepare(self, images: torch.Tensor) -> Images:
         return Images(pixels=images)
 
-    def needs_evaluation(self, batch: Images, boxes: torch.Tensor) -> torch.Tensor:
-        return torch.ones(len(batch), boxes.shape[0], dtype=torch.bool)
+    def evaluation_priority(self, batch: Images, boxes: torch.Tensor) -> torch.Tensor:
+        """Every window changes the input: all are evaluated, in family order."""
+        return torch.ones(len(batch), boxes.shape[0])
 
     def logits(
         self, batch: Images, image_index: torch.Tensor, boxes: torch.Tensor

@@ -20,6 +20,7 @@ from scalecert.models.base import StagedClassifier
 from scalecert.occlusion import EMPTY_BOX, MaskedPredictor, PreparedBatch, SinPredictor
 
 ALERT = -1
+NOT_EVALUATED = -2  # mask_predictions entry of a window left unrun (full_map=False, r = 1)
 NO_BOX = (-1, -1, -1, -1)
 
 
@@ -31,7 +32,7 @@ class DetectResult:
     prediction: torch.Tensor  # N int64, M(z)
     alert_box: torch.Tensor  # N x 4 int64, (top, left, bottom, right); -1 rows: no box
     recovered_prediction: torch.Tensor  # N int64, -1 where none (not an alert with a box)
-    mask_predictions: torch.Tensor  # N x n_masks int64 (skipped masks: M(z))
+    mask_predictions: torch.Tensor  # N x n_masks int64 (skipped: M(z); unrun: NOT_EVALUATED)
     n_evaluated: torch.Tensor  # N int64, masks that needed a run of g
 
 
@@ -53,13 +54,13 @@ class CertifyResult:
 
 def locate_block(base: int, grid: torch.Tensor, r: int) -> tuple[int, int] | None:
     """Top-left grid index of the first r x r block (row-major) whose masks all predict the
-    same class other than ``base``, or None."""
+    same class other than ``base``, or None. Unevaluated masks belong to no block."""
     rows, cols = grid.shape
     for i in range(rows - r + 1):
         for j in range(cols - r + 1):
             block = grid[i:i + r, j:j + r]
             first = int(block[0, 0])
-            if first != base and bool((block == first).all()):
+            if first not in (base, NOT_EVALUATED) and bool((block == first).all()):
                 return i, j
     return None
 
@@ -67,8 +68,11 @@ def locate_block(base: int, grid: torch.Tensor, r: int) -> tuple[int, int] | Non
 def detect_outcome(
     base: int, mask_predictions: torch.Tensor, family: MaskFamily
 ) -> tuple[int, tuple[int, int] | None]:
-    """Algorithm 1 on one image's predictions: (output, located block or None)."""
-    if bool((mask_predictions == base).all()):
+    """Algorithm 1 on one image's predictions: (output, located block or None).
+
+    NOT_EVALUATED entries only occur with r = 1 after a disagreement was found (work
+    avoidance), which the block rule then reports, so they never decide an outcome."""
+    if bool(((mask_predictions == base) | (mask_predictions == NOT_EVALUATED)).all()):
         return base, None
     block = locate_block(base, mask_predictions.view(family.grid_shape), family.r)
     if block is not None:
@@ -90,6 +94,18 @@ def _margins(logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
+class _PairRuns:
+    """What was run for one chunk: M(x) per image, then the evaluated (image, window) pairs."""
+
+    base: torch.Tensor  # N predictions M(x)
+    base_margin: torch.Tensor  # N
+    image_of: torch.Tensor  # E image index of each evaluated pair
+    mask_of: torch.Tensor  # E window index
+    predictions: torch.Tensor  # E
+    margins: torch.Tensor  # E
+
+
+@dataclass(frozen=True)
 class _Evaluation:
     base: torch.Tensor  # N, M(x)
     mask_predictions: torch.Tensor  # N x n_masks
@@ -104,7 +120,13 @@ class Certifier:
     """Certifies and detects with one model and one :class:`CertConfig`.
 
     ``batch_size`` is the number of (image, window) pairs per run of g; ``image_chunk`` bounds
-    how many images' stem features are held at once. The model itself is moved to ``device``,
+    how many images' stem features are held at once. ``full_map=False`` turns on work
+    avoidance for r = 1: an image's windows stop at the first one that disagrees with M(x)
+    (most likely ones first), which leaves every certificate (``certified``) and clean
+    detection output (``clean_output``) unchanged; unrun windows read NOT_EVALUATED in
+    ``mask_predictions``, and the reported alert block is the first disagreeing window in
+    family order among those run. ``full_map=True`` (default) runs every window the skip lemma
+    does not spare, for audits. The model itself is moved to ``device``,
     converted to channels_last and put in eval mode.
     """
 
@@ -115,6 +137,7 @@ class Certifier:
         device: str | torch.device = "cpu",
         batch_size: int = 256,
         image_chunk: int = 64,
+        full_map: bool = True,
     ) -> None:
         if batch_size < 1 or image_chunk < 1:
             raise ValueError("batch_size and image_chunk must be >= 1")
@@ -124,6 +147,7 @@ class Certifier:
         self.model = model.to(self.device, memory_format=torch.channels_last).eval()
         self.batch_size = batch_size
         self.image_chunk = image_chunk
+        self.full_map = full_map
         self.predictor: MaskedPredictor
         if config.method == "scalecert":
             self.predictor = SinPredictor(self.model, config.top_k, config.layer)
@@ -150,13 +174,13 @@ class Certifier:
             return ("sin", id(self.model), self.predictor.layer, self.config.top_k)
         return ("pixels", id(self.model))
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def prepare(self, images: torch.Tensor) -> PreparedBatch:
         """Per-image work shared by every window (the stem and SIN selection for scalecert)."""
         self._check_images(images)
         return self.predictor.prepare(images.to(self.device))
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def certify(
         self, images: torch.Tensor, labels: torch.Tensor, prepared: PreparedBatch | None = None
     ) -> CertifyResult:
@@ -186,7 +210,7 @@ class Certifier:
             recovered_prediction=evaluation.recovered,
         )
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def detect(self, images: torch.Tensor, prepared: PreparedBatch | None = None) -> DetectResult:
         """Algorithm 1 on possibly patched images: the label, or -1 (ALERT) with a location."""
         self._check_images(images)
@@ -225,20 +249,18 @@ class Certifier:
     ) -> _Evaluation:
         boxes = family.boxes()
         n_images, n_masks = len(batch), family.n_masks
-        needed = self.predictor.needs_evaluation(batch, boxes).cpu()
+        priority = self.predictor.evaluation_priority(batch, boxes)
+        schedule = self._run_all if self.full_map or family.r > 1 else self._run_until_settled
+        runs = schedule(batch, labels, boxes, priority)
+        base, image_of, mask_of = runs.base, runs.image_of, runs.mask_of
 
-        # Pairs (image, box): the first n_images are M(x) (empty box), then the needed windows.
-        image_of, mask_of = needed.nonzero(as_tuple=True)
-        image_index = torch.cat([torch.arange(n_images), image_of])
-        pair_boxes = torch.cat([torch.tensor([EMPTY_BOX]).expand(n_images, 4), boxes[mask_of]])
-        predictions, margins = self._run_pairs(batch, image_index, pair_boxes, labels)
-
-        base = predictions[:n_images]
+        # skipped windows (skip lemma) give M(x); needed but unevaluated ones: NOT_EVALUATED
         mask_predictions = base[:, None].repeat(1, n_masks)
-        mask_predictions[image_of, mask_of] = predictions[n_images:]
-        min_margin = margins[:n_images].clone()
-        min_margin.scatter_reduce_(0, image_of, margins[n_images:], reduce="amin")
-        n_evaluated = needed.sum(dim=1)
+        mask_predictions[priority > 0] = NOT_EVALUATED
+        mask_predictions[image_of, mask_of] = runs.predictions
+        min_margin = runs.base_margin.clone()
+        min_margin.scatter_reduce_(0, image_of, runs.margins, reduce="amin")
+        n_evaluated = torch.bincount(image_of, minlength=n_images)
 
         output = base.clone()
         alert_box = torch.tensor([NO_BOX]).repeat(n_images, 1)
@@ -254,6 +276,62 @@ class Certifier:
             recovered[index], _ = self._run_pairs(batch, index, alert_box[index], None)
         return _Evaluation(base, mask_predictions, n_evaluated, min_margin, output, alert_box,
                            recovered)
+
+    def _run_all(
+        self, batch: PreparedBatch, labels: torch.Tensor | None, boxes: torch.Tensor,
+        priority: torch.Tensor,
+    ) -> _PairRuns:
+        """M(x) and every window the skip lemma does not spare, in one stream of batches."""
+        n_images = len(batch)
+        image_of, mask_of = (priority > 0).nonzero(as_tuple=True)
+        image_index = torch.cat([torch.arange(n_images), image_of])
+        pair_boxes = torch.cat([torch.tensor([EMPTY_BOX]).expand(n_images, 4), boxes[mask_of]])
+        predictions, margins = self._run_pairs(batch, image_index, pair_boxes, labels)
+        return _PairRuns(predictions[:n_images], margins[:n_images], image_of, mask_of,
+                         predictions[n_images:], margins[n_images:])
+
+    def _run_until_settled(
+        self, batch: PreparedBatch, labels: torch.Tensor | None, boxes: torch.Tensor,
+        priority: torch.Tensor,
+    ) -> _PairRuns:
+        """r = 1 work avoidance: an image's windows run in order of priority until one
+        disagrees with M(x). That settles both outcomes (not certified; detection alerts), so
+        its remaining windows are left unevaluated. Images share g's batches round by round."""
+        n_images = len(batch)
+        base, base_margin = self._run_pairs(
+            batch, torch.arange(n_images), torch.tensor([EMPTY_BOX]).expand(n_images, 4), labels)
+        # per image: needed windows, highest priority first (ties: family order)
+        queues = [
+            [int(m) for m in torch.sort(-row, stable=True).indices if row[m] > 0]
+            for row in priority
+        ]
+        done = [0] * n_images
+        settled = [False] * n_images
+        image_of, mask_of, predictions, margins = [], [], [], []
+        while True:
+            active = [i for i in range(n_images) if not settled[i] and done[i] < len(queues[i])]
+            if not active:
+                break
+            per_image = -(-self.batch_size // len(active))  # keep g's batches full
+            round_images, round_masks = [], []
+            for i in active:
+                taken = queues[i][done[i]:done[i] + per_image]
+                done[i] += len(taken)
+                round_images += [i] * len(taken)
+                round_masks += taken
+            index, masks = torch.tensor(round_images), torch.tensor(round_masks)
+            round_predictions, round_margins = self._run_pairs(batch, index, boxes[masks], labels)
+            for i in set(index[round_predictions != base[index]].tolist()):
+                settled[i] = True
+            image_of.append(index)
+            mask_of.append(masks)
+            predictions.append(round_predictions)
+            margins.append(round_margins)
+        if not image_of:
+            empty = torch.zeros(0, dtype=torch.int64)
+            return _PairRuns(base, base_margin, empty, empty, empty, torch.zeros(0))
+        return _PairRuns(base, base_margin, torch.cat(image_of), torch.cat(mask_of),
+                         torch.cat(predictions), torch.cat(margins))
 
     def _run_pairs(
         self,

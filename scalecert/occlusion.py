@@ -38,8 +38,9 @@ class MaskedPredictor(Protocol):
         """Per-image work done once: ``images`` is ``B x 3 x H x W`` in [0, 1] on the device."""
         ...
 
-    def needs_evaluation(self, batch: PreparedBatch, boxes: torch.Tensor) -> torch.Tensor:
-        """``B x M`` bool: False where F(x, box) provably equals the unmasked prediction."""
+    def evaluation_priority(self, batch: PreparedBatch, boxes: torch.Tensor) -> torch.Tensor:
+        """``B x M`` non-negative floats: 0 where F(x, box) provably equals the unmasked
+        prediction (no run needed); otherwise higher means more likely to change it."""
         ...
 
     def logits(
@@ -111,10 +112,11 @@ class SinPredictor:
             self._footprints[key] = Footprints(self.geometry, key)
         return self._footprints[key](boxes)
 
-    def needs_evaluation(self, batch: StemFeatures, boxes: torch.Tensor) -> torch.Tensor:
+    def evaluation_priority(self, batch: StemFeatures, boxes: torch.Tensor) -> torch.Tensor:
+        """How many kept (SIN) positions each window's footprint removes: zero means the skip
+        lemma applies; more removed positions are more likely to change the prediction."""
         feet = self.footprints(batch.features.shape[2:], boxes).to(batch.keep.device)
-        hits = batch.keep.to(torch.float32) @ feet.to(torch.float32).T
-        return hits > 0
+        return (batch.keep.to(torch.float32) @ feet.to(torch.float32).T).cpu()
 
     def logits(
         self, batch: StemFeatures, image_index: torch.Tensor, boxes: torch.Tensor

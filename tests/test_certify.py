@@ -8,7 +8,7 @@ import torch
 from support import randomize_batchnorm
 from scalecert import ALERT, CertConfig, Certifier, create_model
 from scalecert.baselines import box_masks
-from scalecert.certify import detect_outcome
+from scalecert.certify import NOT_EVALUATED, detect_outcome
 from scalecert.masks import MaskFamily
 from scalecert.occlusion import EMPTY_BOX, SinPredictor
 from scalecert.sin import keep_count, keep_positions
@@ -52,7 +52,7 @@ def test_skipped_masks_give_what_computing_them_gives(model, images) -> None:
     predictor = SinPredictor(model, top_k=0.05)
     boxes = MaskFamily.build((32, 32), 2, masks_per_axis=8).boxes()
     batch, logits = all_mask_logits(predictor, images, boxes)
-    needed = predictor.needs_evaluation(batch, boxes)
+    needed = predictor.evaluation_priority(batch, boxes) > 0
     assert 0 < int((~needed).sum()) < needed.numel()  # some windows skipped, not all
     base = predictor.logits(batch, torch.arange(len(images)), torch.tensor([EMPTY_BOX] * len(images)))
     k = keep_count(0.05, batch.features.shape[2:])
@@ -256,3 +256,40 @@ def test_prepared_stem_features_are_shared_across_patch_sizes(model, images) -> 
         assert torch.equal(shared.certified, alone.certified)
     with pytest.raises(ValueError, match="prepared"):
         large.certify(images[:3], labels[:3], prepared=prepared)
+
+
+@pytest.mark.parametrize("method", ["scalecert", "masking"])
+def test_work_avoidance_leaves_every_outcome_unchanged(model, images, method) -> None:
+    per_axis = 6 if method == "scalecert" else 12  # the random net is fragile under occlusion
+    config = CertConfig(patch_px=2, top_k=0.3, masks_per_axis=per_axis, method=method)
+    labels = Certifier(model, config).detect(images).prediction  # M(x) as the label ...
+    labels[::4] = (labels[::4] + 1) % 10  # ... but wrong for some images
+    full = Certifier(model, config).certify(images, labels)
+    lean = Certifier(model, config, full_map=False, batch_size=16).certify(images, labels)
+    for name in ("prediction", "vanilla_prediction", "certified", "clean_output"):
+        assert torch.equal(getattr(full, name), getattr(lean, name)), name
+    assert bool((lean.n_evaluated <= full.n_evaluated).all())
+    assert int(lean.n_evaluated.sum()) < int(full.n_evaluated.sum())
+    assert bool(full.certified.any()) and bool((full.clean_output == ALERT).any())
+    certified = full.certified
+    assert torch.equal(lean.mask_predictions[certified], full.mask_predictions[certified])
+    assert torch.equal(lean.n_evaluated[certified], full.n_evaluated[certified])
+    run = lean.mask_predictions != NOT_EVALUATED
+    assert torch.equal(lean.mask_predictions[run], full.mask_predictions[run])
+    assert torch.equal((lean.mask_predictions == NOT_EVALUATED).sum(dim=1),
+                       full.n_evaluated - lean.n_evaluated)
+    boxes = Certifier(model, config).mask_boxes(32).tolist()
+    for i in (lean.clean_output == ALERT).nonzero()[:, 0].tolist():  # r = 1: a located window
+        window = boxes.index(lean.alert_box[i].tolist())
+        assert int(full.mask_predictions[i, window]) != int(full.prediction[i])
+    detected = Certifier(model, config, full_map=False).detect(images)
+    assert torch.equal(detected.output, full.clean_output)
+
+
+def test_work_avoidance_needs_every_window_when_r_exceeds_one(model, images) -> None:
+    labels = model(images).argmax(dim=1)
+    config = CertConfig(patch_px=3, top_k=0.15, masks_per_axis=6, r=2)
+    full = Certifier(model, config).certify(images, labels)
+    lean = Certifier(model, config, full_map=False).certify(images, labels)
+    assert torch.equal(full.mask_predictions, lean.mask_predictions)
+    assert torch.equal(full.n_evaluated, lean.n_evaluated)
