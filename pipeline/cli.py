@@ -40,6 +40,9 @@ def models_command() -> None:
 @click.option("--r", type=int, help="Coverage r: each patch lies in an r x r block of masks (1).")
 @click.option("--layer", help="Superficial layer to split at (default: after the first ReLU).")
 @click.option("--margin", type=float, help="Logit margin every certifying prediction needs (1e-3).")
+@click.option("--full-map/--no-full-map", default=None,
+              help="Run every mask and store each image's per-mask predictions (audits). "
+                   "Default: stop an image's masks once its outcome is settled (r = 1).")
 @click.option("--ground-truth", help="ImageNet val: LOC_val_solution.csv or a 1-based label file.")
 @click.option("--synsets", help="ImageNet: file of the 1000 synsets (sorted order = class index).")
 @click.option("--out", help="Output folder (local or s3://): manifest.json, certificates/.")

@@ -69,6 +69,7 @@ class RunConfig:
     r: int = 1
     layer: str | None = None
     margin: float = 1e-3
+    full_map: bool = False
     ground_truth: str | None = None
     synsets: str | None = None
     shard_size: int = 256
@@ -132,7 +133,7 @@ class RunConfig:
     def fingerprint_fields(self) -> dict[str, Any]:
         """The options that determine the certificates (for the run fingerprint)."""
         keep = ("data", "model", "patches", "methods", "top_k", "masks_per_axis", "r", "layer",
-                "margin", "ground_truth", "shard_size", "limit")
+                "margin", "full_map", "ground_truth", "shard_size", "limit")
         return {name: _jsonable(getattr(self, name)) for name in keep}
 
     def to_dict(self) -> dict[str, Any]:

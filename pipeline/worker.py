@@ -88,7 +88,8 @@ class ShardWorker:
         self.preprocess = Preprocess.for_input_size(settings.image_side)
         self.certifiers = [
             (patch_px, method, Certifier(self.model, run.cert_config(patch_px, method),
-                                         device=settings.device, batch_size=run.batch_size))
+                                         device=settings.device, batch_size=run.batch_size,
+                                         full_map=run.full_map))
             for patch_px in settings.patch_pixels
             for method in run.methods
         ]
@@ -157,5 +158,6 @@ class ShardWorker:
             result = certifier.certify(images, label_tensor, prepared=prepared[key])
             latency = 1000.0 * (time.perf_counter() - began) / len(chunk)
             certified[f"{patch_px}px/{method}"] += int(result.certified.sum())
-            rows += certified_rows(context, ids, labels, method, patch_px, result, latency)
+            rows += certified_rows(context, ids, labels, method, patch_px, result, latency,
+                                   with_mask_map=self.settings.run.full_map)
         return rows

@@ -83,6 +83,22 @@ def test_cifar10_run_two_patches_two_methods_then_resume(
     assert [pipeline_rows[i]["prediction"] for i in ids] == direct.prediction.tolist()
     assert [pipeline_rows[i]["clean_output"] for i in ids] == direct.clean_output.tolist()
 
+    # --full-map: every mask run and stored; the same outcomes with at least as much work
+    mapped_out = tmp_path / "run-full-map"
+    code, output = certify("--data", str(data), "--model", "cifar_resnet20", "--checkpoint",
+                           str(resnet20_checkpoint), "--patch", "2.4%", "--out", str(mapped_out),
+                           "--full-map")
+    assert code == 0, output
+    mapped = {r["image_id"]: r for r in read_rows(mapped_out)}
+    assert all(len(r["mask_predictions"]) == 36 for r in mapped.values())
+    assert all(r["mask_predictions"] is None for r in rows)
+    for image_id, row in pipeline_rows.items():
+        full = mapped[image_id]
+        assert (full["certified"], full["clean_output"]) == (row["certified"], row["clean_output"])
+        assert full["n_evaluated"] >= row["n_evaluated"]
+    assert sum(r["n_evaluated"] for r in mapped.values()) > sum(
+        r["n_evaluated"] for r in pipeline_rows.values())
+
     # resume: nothing is recomputed
     stamps = {p: p.stat().st_mtime_ns for p in (out / "certificates").iterdir()}
     code, output = certify(*args)
