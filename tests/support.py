@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+import socket
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -19,3 +23,19 @@ def randomize_batchnorm(model: nn.Module, seed: int, spread: float = 0.2) -> nn.
                 module.running_mean.copy_(spread * torch.randn(c, generator=generator))
                 module.running_var.copy_(torch.rand(c, generator=generator) + 0.5)
     return model
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for servers the tests start)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def copy_class_subset(source: Path, target: Path, per_class: int) -> Path:
+    """The first ``per_class`` files of every class folder of ``source``, copied to ``target``."""
+    for folder in sorted(p for p in source.iterdir() if p.is_dir()):
+        (target / folder.name).mkdir(parents=True)
+        for path in sorted(folder.iterdir())[:per_class]:
+            shutil.copy(path, target / folder.name / path.name)
+    return target

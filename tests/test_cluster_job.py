@@ -4,35 +4,24 @@ documented script deploy/local_cluster_job.sh."""
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from support import copy_class_subset, free_port
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_certify_job_on_a_local_ray_cluster(tmp_path, cifar10_test_dir, resnet20_checkpoint) -> None:
     import ray
 
     assert not ray.is_initialized()
-    data = tmp_path / "data"
-    for folder in sorted(p for p in cifar10_test_dir.iterdir() if p.is_dir()):
-        (data / folder.name).mkdir(parents=True)
-        for path in sorted(folder.iterdir())[:2]:
-            shutil.copy(path, data / folder.name / path.name)
+    data = copy_class_subset(cifar10_test_dir, tmp_path / "data", per_class=2)
     out = tmp_path / "run"
     env = {**os.environ, "RAY_PORT": str(free_port()), "RAY_DASHBOARD_PORT": str(free_port()),
            "RAY_NUM_CPUS": "2", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}

@@ -7,24 +7,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from support import copy_class_subset, free_port
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_certify_job_shards_across_two_ray_nodes(tmp_path, cifar10_test_dir, resnet20_checkpoint) -> None:
@@ -33,11 +26,7 @@ def test_certify_job_shards_across_two_ray_nodes(tmp_path, cifar10_test_dir, res
     from pipeline.cli import main as cli
 
     assert not ray.is_initialized()
-    data = tmp_path / "data"
-    for folder in sorted(p for p in cifar10_test_dir.iterdir() if p.is_dir()):
-        (data / folder.name).mkdir(parents=True)
-        for path in sorted(folder.iterdir())[:2]:
-            shutil.copy(path, data / folder.name / path.name)
+    data = copy_class_subset(cifar10_test_dir, tmp_path / "data", per_class=2)
     out = tmp_path / "run"
     gcs_port = free_port()
     bin_dir = Path(sys.executable).parent

@@ -12,6 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
+from support import copy_class_subset
 
 from pipeline.cli import main
 from pipeline.data import load_image_folder
@@ -31,15 +32,6 @@ def ray_session():
     ray.shutdown()
 
 
-def subset(source: Path, target: Path, per_class: int) -> Path:
-    """The first ``per_class`` images of every class folder of ``source``, copied to ``target``."""
-    for folder in sorted(p for p in source.iterdir() if p.is_dir()):
-        (target / folder.name).mkdir(parents=True)
-        for path in sorted(folder.iterdir())[:per_class]:
-            shutil.copy(path, target / folder.name / path.name)
-    return target
-
-
 def certify(*args: str) -> tuple[int, str]:
     result = CliRunner().invoke(main, ["certify", "--quiet", *args])
     return result.exit_code, result.output + (repr(result.exception) if result.exception else "")
@@ -53,7 +45,7 @@ def read_rows(out: Path) -> list[dict]:
 def test_cifar10_run_two_patches_two_methods_then_resume(
     ray_session, tmp_path, cifar10_test_dir, resnet20_checkpoint
 ) -> None:
-    data = subset(cifar10_test_dir, tmp_path / "cifar", per_class=20)
+    data = copy_class_subset(cifar10_test_dir, tmp_path / "cifar", per_class=20)
     out = tmp_path / "run"
     args = ["--data", str(data), "--model", "cifar_resnet20", "--checkpoint",
             str(resnet20_checkpoint), "--patch", "2.4%", "--patch", "0.4%", "--method",
@@ -115,7 +107,7 @@ def test_cifar10_run_two_patches_two_methods_then_resume(
 def test_a_worker_killed_mid_shard_loses_nothing(
     ray_session, tmp_path, cifar10_test_dir, resnet20_checkpoint, monkeypatch
 ) -> None:
-    data = subset(cifar10_test_dir, tmp_path / "cifar", per_class=6)
+    data = copy_class_subset(cifar10_test_dir, tmp_path / "cifar", per_class=6)
     out = tmp_path / "run"
     monkeypatch.setenv("SCALECERT_TEST_CRASH_SHARD", "1")
     code, output = certify("--data", str(data), "--model", "cifar_resnet20", "--checkpoint",
