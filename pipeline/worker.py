@@ -40,7 +40,7 @@ class WorkerSettings:
     image_side: int
     device: str = "cpu"
     threads: int = 1
-    chunk_images: int = 64
+    chunk_images: int = 256
 
 
 @dataclass(frozen=True)

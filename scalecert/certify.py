@@ -136,7 +136,7 @@ class Certifier:
         config: CertConfig,
         device: str | torch.device = "cpu",
         batch_size: int = 256,
-        image_chunk: int = 64,
+        image_chunk: int = 256,
         full_map: bool = True,
     ) -> None:
         if batch_size < 1 or image_chunk < 1:
@@ -312,7 +312,7 @@ class Certifier:
             active = [i for i in range(n_images) if not settled[i] and done[i] < len(queues[i])]
             if not active:
                 break
-            per_image = -(-self.batch_size // len(active))  # keep g's batches full
+            per_image = max(1, self.batch_size // len(active))  # about batch_size pairs a round
             round_images, round_masks = [], []
             for i in active:
                 taken = queues[i][done[i]:done[i] + per_image]
