@@ -9,11 +9,13 @@ Both normalise [0, 1] inputs as their first stage, so masks act on pixels.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scalecert.geometry import IDENTITY, Chain, Geometry, Parallel, Window, geometry_of
+from scalecert.geometry import Chain, Geometry, Parallel, Window, geometry_of
 from scalecert.models.base import Normalize, StagedClassifier
 
 # The akamaster checkpoints were trained with ImageNet statistics, so both models use them.
@@ -52,23 +54,41 @@ class OptionAShortcut(nn.Module):
         return Window(kernel=(1, 1), stride=(s, s), padding=(0, 0))
 
 
-class CifarBasicBlock(nn.Module):
-    """Two 3x3 convolutions with an option-A shortcut; ReLU after the sum."""
+def option_a_shortcut(in_planes: int, planes: int, stride: int) -> nn.Module:
+    """He et al.'s parameter-free shortcut (akamaster's ResNet-20/32/44/56)."""
+    if stride == 1 and in_planes == planes:
+        return nn.Identity()
+    if planes - in_planes != 2 * (planes // 4):
+        raise ValueError(
+            f"option-A shortcut pads planes//4 channels per side: cannot map "
+            f"{in_planes} to {planes} channels"
+        )
+    return OptionAShortcut(stride, planes // 4)
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+
+def option_b_shortcut(in_planes: int, planes: int, stride: int) -> nn.Module:
+    """A 1x1 convolution and batch norm when the shape changes (keys ``shortcut.0/1``)."""
+    if stride == 1 and in_planes == planes:
+        return nn.Sequential()
+    return nn.Sequential(
+        nn.Conv2d(in_planes, planes, kernel_size=1, stride=stride, bias=False),
+        nn.BatchNorm2d(planes),
+    )
+
+
+class CifarBasicBlock(nn.Module):
+    """Two 3x3 convolutions plus a shortcut (option A or B); ReLU after the sum."""
+
+    def __init__(
+        self, in_planes: int, planes: int, stride: int = 1,
+        shortcut: Callable[[int, int, int], nn.Module] = option_a_shortcut,
+    ) -> None:
         super().__init__()
         self.conv1 = _conv3x3(in_planes, planes, stride)
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = _conv3x3(planes, planes)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or in_planes != planes:
-            if planes - in_planes != 2 * (planes // 4):
-                raise ValueError(
-                    f"option-A shortcut pads planes//4 channels per side: cannot map "
-                    f"{in_planes} to {planes} channels"
-                )
-            self.shortcut = OptionAShortcut(stride, planes // 4)
+        self.shortcut = shortcut(in_planes, planes, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -126,33 +146,6 @@ class CifarResNet(StagedClassifier):
         ]
 
 
-class CifarResNet18Block(nn.Module):
-    """ResNet-18 basic block for CIFAR with an option-B (1x1 conv + BN) shortcut."""
-
-    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = _conv3x3(in_planes, planes, stride)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = _conv3x3(planes, planes)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_planes, planes, kernel_size=1, stride=stride, bias=False),
-                nn.BatchNorm2d(planes),
-            )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
-
-    def geometry(self) -> Geometry:
-        main = Chain((geometry_of(self.conv1), geometry_of(self.conv2)))
-        shortcut = geometry_of(self.shortcut) if len(self.shortcut) else IDENTITY
-        return Parallel((main, shortcut))
-
-
 class CifarResNet18(StagedClassifier):
     """The common CIFAR ResNet-18: 3x3 stem without max-pool, four stages of two blocks
     (64/128/256/512 channels), global average pooling, ``linear``."""
@@ -176,7 +169,8 @@ class CifarResNet18(StagedClassifier):
     @staticmethod
     def _make_layer(in_planes: int, planes: int, stride: int) -> nn.Sequential:
         return nn.Sequential(
-            CifarResNet18Block(in_planes, planes, stride), CifarResNet18Block(planes, planes)
+            CifarBasicBlock(in_planes, planes, stride, option_b_shortcut),
+            CifarBasicBlock(planes, planes, shortcut=option_b_shortcut),
         )
 
     def stages(self) -> list[tuple[str, nn.Module]]:
