@@ -81,6 +81,14 @@ def error_row(image_id: str, label: int, reason: str, patch_px: int = 5,
             "method": method, "patch_px": patch_px, "certified": False}
 
 
+def write_noise_images(data: Path, rows: list[dict[str, Any]], seed: int) -> None:
+    """A 32x32 noise image at ``data/<image_id>`` for every row (for thumbnails)."""
+    rng = np.random.default_rng(seed)
+    for row in rows:
+        (data / row["image_id"]).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(data / row["image_id"])
+
+
 def synthetic_rows(count: int, seed: int, shard_prefix: str) -> list[dict[str, Any]]:
     rng = np.random.default_rng(seed)
     rows = []
@@ -273,10 +281,7 @@ def test_archive_to_s3_is_verified_and_repeatable(tmp_path: Path, s3_env: str,
 def test_html_has_the_plots_and_alert_thumbnails(tmp_path: Path) -> None:
     data = tmp_path / "data"
     rows = synthetic_rows(30, 5, "a")
-    rng = np.random.default_rng(0)
-    for r in rows:
-        (data / r["image_id"]).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(data / r["image_id"])
+    write_noise_images(data, rows, seed=0)
     run = write_run(tmp_path / "run", [rows], data=data)
     assert report(str(run))[0] == 0
     page = (run / "report.html").read_text()
@@ -300,10 +305,7 @@ def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:
         pytest.skip("chromium not installed (Debian: apt-get install -y chromium)")
     data = tmp_path / "data"
     rows = synthetic_rows(40, 7, "a")
-    rng = np.random.default_rng(1)
-    for r in rows:
-        (data / r["image_id"]).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(data / r["image_id"])
+    write_noise_images(data, rows, seed=1)
     old = write_run(tmp_path / "old", [rows], data=data)
     worse = [dict(r, certified=False) if i % 5 == 0 else dict(r) for i, r in enumerate(rows)]
     run = write_run(tmp_path / "run", [worse], data=data, fingerprint="b" * 64)

@@ -41,14 +41,16 @@ class Split:
 
 
 class StagedClassifier(nn.Module):
-    """Base class: subclasses build their layers and list them in :meth:`stages`.
+    """Base class: subclasses build their layers and name them in ``stage_names``.
 
     Class attributes a subclass sets:
+      ``stage_names``: the attributes that hold the stages, in forward order.
       ``superficial_layers``: stage names whose output is non-negative (after a ReLU) and
       spatial, where a split is allowed; the first is the default.
       ``input_size``: the image side the architecture was made for (e.g. 32 or 224).
     """
 
+    stage_names: tuple[str, ...] = ()
     superficial_layers: tuple[str, ...] = ()
     input_size: int = 224
 
@@ -59,7 +61,8 @@ class StagedClassifier(nn.Module):
         self.checkpoint_sha256: str | None = None
 
     def stages(self) -> list[tuple[str, nn.Module]]:
-        raise NotImplementedError
+        """(name, module) of every stage, in forward order."""
+        return [(name, getattr(self, name)) for name in self.stage_names]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for _, stage in self.stages():

@@ -104,6 +104,8 @@ class CifarResNet(StagedClassifier):
     """He et al.'s CIFAR ResNet of depth 6n+2: three stages of n basic blocks (16/32/64
     channels), global average pooling and a linear classifier."""
 
+    stage_names = ("normalize", "conv1", "bn1", "relu", "layer1", "layer2", "layer3", "pool",
+                   "linear")
     superficial_layers = ("relu", "layer1", "layer2")
     input_size = 32
 
@@ -132,24 +134,13 @@ class CifarResNet(StagedClassifier):
         layers += [CifarBasicBlock(planes, planes) for _ in range(blocks - 1)]
         return nn.Sequential(*layers)
 
-    def stages(self) -> list[tuple[str, nn.Module]]:
-        return [
-            ("normalize", self.normalize),
-            ("conv1", self.conv1),
-            ("bn1", self.bn1),
-            ("relu", self.relu),
-            ("layer1", self.layer1),
-            ("layer2", self.layer2),
-            ("layer3", self.layer3),
-            ("pool", self.pool),
-            ("linear", self.linear),
-        ]
-
 
 class CifarResNet18(StagedClassifier):
     """The common CIFAR ResNet-18: 3x3 stem without max-pool, four stages of two blocks
     (64/128/256/512 channels), global average pooling, ``linear``."""
 
+    stage_names = ("normalize", "conv1", "bn1", "relu", "layer1", "layer2", "layer3", "layer4",
+                   "pool", "linear")
     superficial_layers = ("relu", "layer1", "layer2")
     input_size = 32
 
@@ -172,17 +163,3 @@ class CifarResNet18(StagedClassifier):
             CifarBasicBlock(in_planes, planes, stride, option_b_shortcut),
             CifarBasicBlock(planes, planes, shortcut=option_b_shortcut),
         )
-
-    def stages(self) -> list[tuple[str, nn.Module]]:
-        return [
-            ("normalize", self.normalize),
-            ("conv1", self.conv1),
-            ("bn1", self.bn1),
-            ("relu", self.relu),
-            ("layer1", self.layer1),
-            ("layer2", self.layer2),
-            ("layer3", self.layer3),
-            ("layer4", self.layer4),
-            ("pool", self.pool),
-            ("linear", self.linear),
-        ]

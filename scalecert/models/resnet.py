@@ -89,6 +89,8 @@ class Bottleneck(nn.Module):
 class ImageNetResNet(StagedClassifier):
     """torchvision's ResNet: 7x7/2 stem, 3x3/2 max-pool, four stages, average pool, ``fc``."""
 
+    stage_names = ("normalize", "conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3",
+                   "layer4", "pool", "fc")
     superficial_layers = ("relu", "maxpool", "layer1")
     input_size = 224
 
@@ -111,7 +113,7 @@ class ImageNetResNet(StagedClassifier):
             stage, in_planes = self._make_layer(block, in_planes, planes, blocks, stride)
             stages.append(stage)
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.avgpool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
         self.fc = nn.Linear(512 * block.expansion, num_classes)
         for m in self.modules():  # torchvision's initialisation
             if isinstance(m, nn.Conv2d):
@@ -134,21 +136,6 @@ class ImageNetResNet(StagedClassifier):
         layers = [block(in_planes, planes, stride, downsample)]
         layers += [block(out_planes, planes) for _ in range(blocks - 1)]
         return nn.Sequential(*layers), out_planes
-
-    def stages(self) -> list[tuple[str, nn.Module]]:
-        return [
-            ("normalize", self.normalize),
-            ("conv1", self.conv1),
-            ("bn1", self.bn1),
-            ("relu", self.relu),
-            ("maxpool", self.maxpool),
-            ("layer1", self.layer1),
-            ("layer2", self.layer2),
-            ("layer3", self.layer3),
-            ("layer4", self.layer4),
-            ("pool", self.avgpool),
-            ("fc", self.fc),
-        ]
 
 
 def resnet18(num_classes: int = 1000) -> ImageNetResNet:
