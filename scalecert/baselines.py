@@ -2,7 +2,9 @@
 
 ``OcclusionPredictor`` is Minority Reports certified detection with PatchCleanser-style masks:
 the unpruned model classifies the image with each window's pixels overwritten by a constant.
-Nothing can be skipped (every window changes the input), so every mask is evaluated.
+Nothing can be skipped (every window changes the input). With work avoidance (r = 1,
+``full_map=False``) windows run centre first, where occlusion most often changes the prediction
+of a centred object, and stop at the first disagreement, as for ScaleCert.
 """
 
 from __future__ import annotations
@@ -49,8 +51,18 @@ class OcclusionPredictor:
         return Images(pixels=images)
 
     def evaluation_priority(self, batch: Images, boxes: torch.Tensor) -> torch.Tensor:
-        """Every window changes the input: all are evaluated, in family order."""
-        return torch.ones(len(batch), boxes.shape[0])
+        """Every window changes the input, so every priority is positive (none is skipped).
+        Windows nearer the image centre rank higher: the datasets centre their objects, and
+        occluding the object is what changes a prediction (on CIFAR-10 with the ResNet-20, this
+        order finds the first disagreement about as early as the per-window disagreement
+        frequency measured on the test set would)."""
+        height, width = batch.pixels.shape[2:]
+        box = boxes.to(torch.float32)
+        centre_y = (box[:, 0] + box[:, 2]) / 2 - height / 2
+        centre_x = (box[:, 1] + box[:, 3]) / 2 - width / 2
+        distance = (centre_y.square() + centre_x.square()).sqrt()
+        priority = 1.0 + float(distance.max()) - distance  # >= 1, the centre highest
+        return priority.cpu()[None].expand(len(batch), -1)
 
     def logits(
         self, batch: Images, image_index: torch.Tensor, boxes: torch.Tensor

@@ -65,15 +65,29 @@ def locate_block(base: int, grid: torch.Tensor, r: int) -> tuple[int, int] | Non
     return None
 
 
+def evaluation_order(priority: torch.Tensor) -> torch.Tensor:
+    """Window indices by priority, highest first, ties in family order (a 1-D ``priority``)."""
+    return torch.sort(-priority, stable=True).indices
+
+
 def detect_outcome(
-    base: int, mask_predictions: torch.Tensor, family: MaskFamily
+    base: int, mask_predictions: torch.Tensor, family: MaskFamily,
+    priority: torch.Tensor | None = None,
 ) -> tuple[int, tuple[int, int] | None]:
     """Algorithm 1 on one image's predictions: (output, located block or None).
 
-    NOT_EVALUATED entries only occur with r = 1 after a disagreement was found (work
+    With r = 1 and the windows' ``priority`` given, the located window is the first
+    disagreeing one in :func:`evaluation_order`, which work avoidance always runs, so the full
+    map and work avoidance report the same window; otherwise the first block in row-major
+    order. NOT_EVALUATED entries only occur with r = 1 after a disagreement was found (work
     avoidance), which the block rule then reports, so they never decide an outcome."""
     if bool(((mask_predictions == base) | (mask_predictions == NOT_EVALUATED)).all()):
         return base, None
+    if family.r == 1 and priority is not None:
+        order = evaluation_order(priority)
+        ordered = mask_predictions[order]
+        first = int(((ordered != base) & (ordered != NOT_EVALUATED)).nonzero()[0, 0])
+        return ALERT, divmod(int(order[first]), family.grid_shape[1])
     block = locate_block(base, mask_predictions.view(family.grid_shape), family.r)
     if block is not None:
         return ALERT, block
@@ -121,13 +135,15 @@ class Certifier:
 
     ``batch_size`` is the number of (image, window) pairs per run of g; ``image_chunk`` bounds
     how many images' stem features are held at once. ``full_map=False`` turns on work
-    avoidance for r = 1: an image's windows stop at the first one that disagrees with M(x)
-    (most likely ones first), which leaves every certificate (``certified``) and clean
-    detection output (``clean_output``) unchanged; unrun windows read NOT_EVALUATED in
-    ``mask_predictions``, and the reported alert block is the first disagreeing window in
-    family order among those run. ``full_map=True`` (default) runs every window the skip lemma
-    does not spare, for audits. The model itself is moved to ``device``,
-    converted to channels_last and put in eval mode.
+    avoidance for r = 1: an image's windows run most likely first (the predictor's
+    ``evaluation_priority``) and stop at the first one that disagrees with M(x), which leaves
+    ``certified``, ``clean_output``, ``alert_box`` and ``recovered_prediction`` unchanged (with
+    r = 1 the located window is the first disagreeing one in that order, which both modes run);
+    unrun windows read NOT_EVALUATED in ``mask_predictions``, and ``min_margin`` of a
+    non-certified image covers the windows run. ``full_map=True`` (default) runs every window
+    the skip lemma does not spare, for audits. Both methods, ``scalecert`` and ``masking``, take
+    the same path. The model itself is moved to ``device``, converted to channels_last and put
+    in eval mode.
     """
 
     def __init__(
@@ -266,7 +282,8 @@ class Certifier:
         alert_box = torch.tensor([NO_BOX]).repeat(n_images, 1)
         located: list[int] = []
         for i in range(n_images):
-            output[i], block = detect_outcome(int(base[i]), mask_predictions[i], family)
+            output[i], block = detect_outcome(int(base[i]), mask_predictions[i], family,
+                                              priority[i])
             if block is not None:
                 alert_box[i] = torch.tensor(family.block_box(*block))
                 located.append(i)
@@ -301,10 +318,7 @@ class Certifier:
         base, base_margin = self._run_pairs(
             batch, torch.arange(n_images), torch.tensor([EMPTY_BOX]).expand(n_images, 4), labels)
         # per image: needed windows, highest priority first (ties: family order)
-        queues = [
-            [int(m) for m in torch.sort(-row, stable=True).indices if row[m] > 0]
-            for row in priority
-        ]
+        queues = [[int(m) for m in evaluation_order(row) if row[m] > 0] for row in priority]
         done = [0] * n_images
         settled = [False] * n_images
         image_of, mask_of, predictions, margins = [], [], [], []

@@ -7,7 +7,7 @@ import torch
 
 from support import randomize_batchnorm
 from scalecert import ALERT, CertConfig, Certifier, create_model
-from scalecert.baselines import box_masks
+from scalecert.baselines import OcclusionPredictor, box_masks
 from scalecert.certify import NOT_EVALUATED, detect_outcome
 from scalecert.masks import MaskFamily
 from scalecert.occlusion import EMPTY_BOX, SinPredictor
@@ -153,6 +153,18 @@ def test_masking_baseline_is_direct_pixel_occlusion(model, images) -> None:
             assert torch.equal(result.mask_predictions[:, m], model(occluded).argmax(dim=1))
 
 
+def test_masking_runs_every_window_centre_first(model, images) -> None:
+    predictor = OcclusionPredictor(model)
+    boxes = MaskFamily.build((32, 32), 5, masks_per_axis=5).boxes()  # odd grid: one centre
+    priority = predictor.evaluation_priority(predictor.prepare(images[:2]), boxes)
+    assert priority.shape == (2, 25) and bool((priority > 0).all())  # nothing skipped
+    assert int(priority[0].argmax()) == 12  # the centre window
+    grid = priority[0].view(5, 5)
+    assert bool((grid[2, 2] > grid[1, 1]) & (grid[1, 1] > grid[0, 0]))  # falls off outwards
+    assert int(priority[0].argmin()) in (0, 4, 20, 24)  # a corner last
+    assert torch.equal(priority[0], priority[1])  # the same order for every image
+
+
 def test_box_masks_cover_exactly_the_box() -> None:
     masks = box_masks(torch.tensor([[1, 2, 4, 3], [0, 0, 0, 0]]), (5, 6))
     assert masks.shape == (2, 1, 5, 6)
@@ -191,6 +203,18 @@ def test_one_disagreeing_mask_alerts_when_r_is_one() -> None:
     predictions = torch.full((family.n_masks,), 3)
     predictions[5] = 7
     assert detect_outcome(3, predictions, family) == (ALERT, (1, 1))
+
+
+def test_with_priorities_the_first_disagreeing_window_in_that_order_is_located() -> None:
+    family = grid_family(1)
+    predictions = torch.full((family.n_masks,), 3)
+    predictions[[2, 9, 14]] = 7
+    priority = torch.ones(family.n_masks)
+    priority[[9, 14]] = 2.0  # 9 and 14 run before 2; ties keep family order: 9 first
+    assert detect_outcome(3, predictions, family, priority) == (ALERT, (2, 1))
+    predictions[9] = NOT_EVALUATED  # left unrun: never located
+    assert detect_outcome(3, predictions, family, priority) == (ALERT, (3, 2))
+    assert detect_outcome(3, predictions, family) == (ALERT, (0, 2))  # no priorities: row-major
 
 
 def test_block_rule_needs_a_whole_r_by_r_block_of_one_class() -> None:
@@ -266,7 +290,8 @@ def test_work_avoidance_leaves_every_outcome_unchanged(model, images, method) ->
     labels[::4] = (labels[::4] + 1) % 10  # ... but wrong for some images
     full = Certifier(model, config).certify(images, labels)
     lean = Certifier(model, config, full_map=False, batch_size=16).certify(images, labels)
-    for name in ("prediction", "vanilla_prediction", "certified", "clean_output"):
+    for name in ("prediction", "vanilla_prediction", "certified", "clean_output", "alert_box",
+                 "recovered_prediction"):
         assert torch.equal(getattr(full, name), getattr(lean, name)), name
     assert bool((lean.n_evaluated <= full.n_evaluated).all())
     assert int(lean.n_evaluated.sum()) < int(full.n_evaluated.sum())
