@@ -5,8 +5,8 @@
    keys and labels, and the package version; ``<out>/manifest.json`` is written first.
 2. Resume: a shard whose Parquet file exists with the same fingerprint is skipped; an output
    folder holding another fingerprint is refused before any work.
-3. Run: one actor per GPU (or CPU workers sharing the cores), each loading the model once,
-   at most two shards in flight per worker. A worker that dies has its shards redone on its
+3. Run: one actor per GPU (or CPU workers splitting the cores, ``workers x threads`` at most
+   the cores), each loading the model once, at most two shards in flight per worker. A worker that dies has its shards redone on its
    restarted actor (Ray places it wherever resources allow).
 4. Summary: read back every shard, check one row per image x patch x method, and count.
 """
@@ -177,8 +177,28 @@ def collect(plan: Plan) -> pa.Table:
     return table
 
 
-def _worker_layout(run: RunConfig, resources: dict[str, float]) -> tuple[int, float, float, str]:
-    """(workers, cpus per worker, gpus per worker, device) for the cluster's resources."""
+@dataclass(frozen=True)
+class WorkerLayout:
+    """How many workers, and what each one reserves in Ray and uses in torch."""
+
+    workers: int
+    cpus: float  # Ray CPUs per worker (below 1 when CPU workers outnumber the cores)
+    gpus: float
+    device: str
+    threads: int  # torch intra-op threads per worker
+
+
+def cpu_threads(workers: int, cpus: float) -> int:
+    """Torch threads per worker so that workers x threads never exceeds the cores (one thread
+    each once workers outnumber them)."""
+    return max(1, int(cpus // workers))
+
+
+def worker_layout(run: RunConfig, resources: dict[str, float], shards: int) -> WorkerLayout:
+    """The worker pool for the cluster's resources, at most one worker per shard. CPU workers
+    split the cores between them: each reserves its share (a fraction when there are more
+    workers than cores, so that every worker is placed) and runs :func:`cpu_threads` torch
+    threads."""
     gpus = resources.get("GPU", 0.0)
     cpus = max(1.0, resources.get("CPU", 1.0))
     use_gpu = run.device == "cuda" or (run.device == "auto" and gpus > 0)
@@ -186,10 +206,12 @@ def _worker_layout(run: RunConfig, resources: dict[str, float]) -> tuple[int, fl
         if gpus <= 0:
             raise ValueError("--device cuda: the Ray cluster has no GPUs")
         per_worker = run.gpus_per_worker or 1.0
-        workers = run.workers or max(1, int(gpus // per_worker))
-        return workers, max(1.0, min(4.0, cpus // workers)), per_worker, "cuda"
-    workers = run.workers or 1
-    return workers, max(1.0, cpus // workers), 0.0, "cpu"
+        workers = max(1, min(run.workers or max(1, int(gpus // per_worker)), shards))
+        share = max(1.0, min(4.0, cpus // workers))
+        return WorkerLayout(workers, share, per_worker, "cuda", int(share))
+    workers = max(1, min(run.workers or 1, shards))
+    share = cpus / workers if workers > cpus else float(cpus // workers)
+    return WorkerLayout(workers, share, 0.0, "cpu", cpu_threads(workers, cpus))
 
 
 def _cluster_resources(run: RunConfig, timeout_s: float = 600.0) -> dict[str, float]:
@@ -222,14 +244,14 @@ def execute(
     if not todo:
         return
     run = plan.run
-    workers, cpus, gpus, device = _worker_layout(run, _cluster_resources(run))
-    workers = min(workers, len(todo))
+    layout = worker_layout(run, _cluster_resources(run), shards=len(todo))
+    workers = layout.workers
     settings = WorkerSettings(
         run=run, run_id=plan.run_id, metadata=plan.metadata(), patch_pixels=plan.patch_pixels,
-        image_side=plan.image_side, device=device, threads=int(cpus),
+        image_side=plan.image_side, device=layout.device, threads=layout.threads,
     )
     actor_class = ray.remote(ShardWorker).options(
-        num_cpus=cpus, num_gpus=gpus, max_restarts=-1, max_task_retries=0)
+        num_cpus=layout.cpus, num_gpus=layout.gpus, max_restarts=-1, max_task_retries=0)
     actors = [actor_class.remote(settings) for _ in range(workers)]
     crash_shard = os.environ.get(_CRASH_SHARD_ENV)
     attempts: dict[int, int] = {}
