@@ -6,6 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 PYTEST_ARGS ?=
+BENCH_ARGS ?= --images 1000 --scale-out 1 2 4
 
 export RAY_USAGE_STATS_ENABLED := 0
 # Files tests keep for people to look at (the report screenshot): git-ignored.
@@ -27,7 +28,7 @@ demo: $(INSTALLED)
 	$(VENV)/bin/scalecert demo
 
 bench: $(INSTALLED)
-	$(PY) bench/bench_certify.py
+	$(PY) bench/harness.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

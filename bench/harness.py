@@ -1,0 +1,404 @@
+"""Performance harness: certification against the limit set by g, through the library and the
+pipeline, for scalecert and the masking baseline, in one run on the same images and machine.
+
+CIFAR ResNet-20 (shared akamaster weights), 5 px patches (2.4%), 6 x 6 masks, SIN top-k 0.15, on
+the first ``--images / 10`` CIFAR-10 test JPEGs of each class (a class-folder subset on disk).
+
+  limit      images/s of g alone at ``--batch-size``: scalecert's head on pruned stem outputs,
+             masking's whole model on occluded images
+  library    ``Certifier.certify``: images/s and g runs per image (1 + evaluated masks), with the
+             full per-mask map and with work avoidance (``full_map=False``), for both methods
+  pipeline   scalecert through ``pipeline.driver.run_certification`` on the JPEG folder (work
+             avoidance): Pillow decode, local Ray actors, Parquet. Ray's own start-up is
+             measured apart and excluded; "end to end" covers planning, actor start, every shard
+             and the read-back, "in shards" only the shards' own time (per worker)
+  scale-out  (``--scale-out 1 2 4``) the pipeline with that many CPU workers sharing the cores,
+             on shards of ``--scale-shard-size`` images
+
+Ratios:
+  library efficiency    images/s x g runs per image / g's images/s (1.0: nothing but g costs
+                        time; the vanilla forward and recoveries count as overhead)
+  pipeline efficiency   pipeline images/s / library images/s (work avoidance), and
+                        pipeline images/s x g runs per image / g's images/s
+  speed-up              scalecert images/s / masking images/s, same mode
+  vs lower bound        g runs per image / (1 + masks of certified images only)
+  parallel efficiency   speed-up over 1 worker / the share of the machine's cores used, relative
+                        to 1 worker (CPU workers share the cores: ideal is the same throughput)
+
+    python bench/harness.py [--images 1000] [--batch-size 256] [--threads N] [--json PATH]
+                            [--scale-out 1 2 4] [--no-pipeline]
+
+Writes every figure as JSON (default ``bench/results/harness-<commit>.json``, git-ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, RESNET20, cifar10_folder, class_subset  # noqa: E402
+
+from pipeline.config import RunConfig  # noqa: E402
+from pipeline.data import load_image_folder  # noqa: E402
+from pipeline.driver import cpu_threads, init_ray, run_certification  # noqa: E402
+from pipeline.worker import ShardSummary  # noqa: E402
+from scalecert import CertConfig, Certifier, CertifyResult, load_model  # noqa: E402
+from scalecert.baselines import box_masks  # noqa: E402
+from scalecert.models.base import StagedClassifier  # noqa: E402
+from scalecert.occlusion import SinPredictor  # noqa: E402
+from scalecert.sin import prune  # noqa: E402
+
+METHODS = ("scalecert", "masking")
+OUTCOMES = ("prediction", "certified", "clean_output", "alert_box", "recovered_prediction")
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What every measurement of one harness run shares."""
+
+    images: int
+    patch_px: int
+    top_k: float
+    masks_per_axis: int
+    batch_size: int
+    threads: int
+    cores: int
+    checkpoint: str
+    commit: str
+
+    def cert_config(self, method: str) -> CertConfig:
+        return CertConfig(patch_px=self.patch_px, top_k=self.top_k,
+                          masks_per_axis=self.masks_per_axis, method=method)
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """One certification measurement: images/s and g runs per image."""
+
+    images_per_s: float
+    g_runs_per_image: float
+    wall_s: float
+
+
+def commit_id() -> str:
+    """The checked-out commit, with ``+dirty`` when tracked files differ from it."""
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+
+    head = git("rev-parse", "--short=10", "HEAD").stdout.strip() or "unknown"
+    return head + ("+dirty" if git("diff", "--quiet", "HEAD").returncode else "")
+
+
+def g_limit(
+    certifier: Certifier, images: torch.Tensor, batch_size: int, repeats: int, trials: int = 3
+) -> float:
+    """Images/s of g alone at ``batch_size``, on inputs exactly as certification builds them:
+    scalecert's head on pruned stem outputs, masking's model on images with one window
+    occluded. The best of ``trials`` timings of ``repeats`` runs (a busy machine only slows
+    g down)."""
+    predictor = certifier.predictor
+    index = torch.arange(batch_size) % len(images)
+    with torch.inference_mode():
+        g: Callable[[torch.Tensor], torch.Tensor]
+        if isinstance(predictor, SinPredictor):
+            batch = predictor.prepare(images[:batch_size])
+            rows = index % len(batch)
+            g, inputs = predictor.head, prune(batch.features[rows], batch.keep[rows])
+        else:
+            box = certifier.mask_boxes(images.shape[2], images.shape[3])[:1]
+            g, inputs = certifier.model, torch.where(box_masks(box, images.shape[2:]),
+                                                     0.0, images[index])
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+        g(inputs)  # warm-up
+        best = float("inf")
+        for _ in range(trials):
+            start = time.perf_counter()
+            for _ in range(repeats):
+                g(inputs)
+            best = min(best, time.perf_counter() - start)
+        return repeats * batch_size / best
+
+
+def certify_timed(
+    model: StagedClassifier, setup: Setup, method: str, full_map: bool,
+    images: torch.Tensor, labels: torch.Tensor,
+) -> tuple[CertifyResult, Throughput]:
+    certifier = Certifier(model, setup.cert_config(method), batch_size=setup.batch_size,
+                          full_map=full_map)
+    certifier.certify(images[:32], labels[:32])  # warm-up
+    start = time.perf_counter()
+    result = certifier.certify(images, labels)
+    seconds = time.perf_counter() - start
+    forwards = 1 + float(result.n_evaluated.float().mean())
+    return result, Throughput(len(images) / seconds, forwards, seconds)
+
+
+def lower_bound(full: CertifyResult) -> float:
+    """g runs per image any exact method needs: M(x) for every image, and every needed mask of
+    the certified ones (their certificate needs them all)."""
+    return 1 + float((full.n_evaluated * full.certified).float().mean())
+
+
+@dataclass(frozen=True)
+class PipelineRun:
+    workers: int
+    shard_size: int
+    shards: int
+    images_per_s: float  # end to end (Ray already started)
+    busy_images_per_s: float  # images / (shard seconds summed / workers)
+    g_runs_per_image: float
+    wall_s: float
+    fixed_s: float  # end to end minus the shards' time per worker: plan, actor start, read-back
+    outcomes_match_library: bool
+
+
+def run_pipeline(
+    setup: Setup, data: Path, out: Path, workers: int, shard_size: int,
+    library: CertifyResult, image_ids: list[str],
+) -> PipelineRun:
+    """One scalecert run of the Ray pipeline (work avoidance) on the JPEG folder ``data``."""
+    run = RunConfig(
+        data=str(data), model="cifar_resnet20", out=str(out), patches=(str(setup.patch_px),),
+        checkpoint=setup.checkpoint, methods=("scalecert",), top_k=setup.top_k,
+        masks_per_axis=setup.masks_per_axis, shard_size=shard_size, resume=False,
+        workers=workers, device="cpu", batch_size=setup.batch_size,
+    )
+    shards: list[ShardSummary] = []
+    summary = run_certification(run, progress=shards.append)
+    busy = sum(shard.seconds for shard in shards) / workers
+    table = summary.table.to_pydict()
+    row_of = {image_id: i for i, image_id in enumerate(table["image_id"])}
+    rows = [row_of[image_id] for image_id in image_ids]
+    same = all([table[name][i] for i in rows] == getattr(library, name).tolist()
+               for name in ("prediction", "certified", "clean_output"))
+    evaluated = sum(table["n_evaluated"][i] for i in rows) / len(rows)
+    return PipelineRun(
+        workers=workers, shard_size=shard_size, shards=len(shards),
+        images_per_s=summary.images_run / summary.wall_s,
+        busy_images_per_s=summary.images_run / busy, g_runs_per_image=1 + evaluated,
+        wall_s=summary.wall_s, fixed_s=summary.wall_s - busy, outcomes_match_library=same,
+    )
+
+
+def folder_ids(folder: Path) -> list[str]:
+    """The pipeline's image ids in :func:`load_image_folder`'s order (class folders, files)."""
+    return [f"{cls.name}/{path.name}"
+            for cls in sorted(p for p in folder.iterdir() if p.is_dir())
+            for path in sorted(p for p in cls.iterdir() if p.is_file())]
+
+
+def print_table(title: str, header: list[str], rows: list[list[Any]]) -> None:
+    cells = [header] + [[f"{v:.3g}" if isinstance(v, float) else str(v) for v in row]
+                        for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    print(f"\n{title}")
+    for row in cells:
+        print("  " + "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                               for i, (cell, w) in enumerate(zip(row, widths))))
+
+
+def ratio(numerator: float, denominator: float) -> float:
+    return round(numerator / denominator, 3) if denominator else float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=1000, help="test images (multiple of 10)")
+    parser.add_argument("--batch-size", type=int, default=256,
+                        help="(image, mask) pairs per run of g")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="torch threads of the library runs (default: every core)")
+    parser.add_argument("--checkpoint", type=Path, default=RESNET20,
+                        help="cifar_resnet20 weights (default: the shared akamaster ResNet-20)")
+    parser.add_argument("--data", type=Path,
+                        help="class-folder image set (default: the shared CIFAR-10 test JPEGs)")
+    parser.add_argument("--shard-size", type=int, default=256, help="images per pipeline shard")
+    parser.add_argument("--no-pipeline", action="store_true", help="library figures only")
+    parser.add_argument("--scale-out", type=int, nargs="*", default=[], metavar="WORKERS",
+                        help="also run the pipeline with these worker counts (e.g. 1 2 4)")
+    parser.add_argument("--scale-shard-size", type=int,
+                        help="images per shard of the scale-out runs (default: enough shards "
+                             "for two per worker of the largest count)")
+    parser.add_argument("--json", type=Path, help="figures as JSON (default: "
+                        "bench/results/harness-<commit>.json)")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    per_class = max(1, args.images // 10)
+    data = (cifar10_folder("test", per_class) if args.data is None
+            else class_subset(args.data, per_class))
+    images, labels = load_image_folder(data)
+    setup = Setup(images=len(images), patch_px=5, top_k=0.15, masks_per_axis=6,
+                  batch_size=args.batch_size, threads=args.threads, cores=os.cpu_count() or 1,
+                  checkpoint=str(args.checkpoint.resolve()), commit=commit_id())
+    model = load_model("cifar_resnet20", checkpoint=args.checkpoint)
+    figures: dict[str, Any] = {"setup": asdict(setup), "limit": {}, "library": {}}
+    print(f"harness at {setup.commit}: cifar_resnet20, {setup.patch_px} px patches, "
+          f"{setup.masks_per_axis}x{setup.masks_per_axis} masks, top-k {setup.top_k}, "
+          f"{setup.images} images, batch {setup.batch_size}, {setup.threads} threads, "
+          f"{setup.cores} cores")
+
+    # (a) the limit, (b) and (d) the library, full map and work avoidance, both methods
+    results: dict[tuple[str, str], CertifyResult] = {}
+    library_rows = []
+    for method in METHODS:
+        certifier = Certifier(model, setup.cert_config(method), batch_size=setup.batch_size)
+        limit = g_limit(certifier, images, setup.batch_size,
+                        repeats=max(4, 4096 // setup.batch_size))
+        figures["limit"][method] = round(limit, 1)
+        for mode, full_map in (("full_map", True), ("avoid", False)):
+            result, measured = certify_timed(model, setup, method, full_map, images, labels)
+            results[method, mode] = result
+            figures["library"][f"{method}.{mode}"] = {
+                **{k: round(v, 3) for k, v in asdict(measured).items()},
+                "efficiency": ratio(measured.images_per_s * measured.g_runs_per_image, limit),
+            }
+        full, lean = results[method, "full_map"], results[method, "avoid"]
+        bound = lower_bound(full)
+        figures["library"][method] = {
+            "g_runs_lower_bound": round(bound, 3),
+            "outcomes_identical": all(torch.equal(getattr(full, name), getattr(lean, name))
+                                      for name in OUTCOMES),
+            "certified_accuracy": round(float(full.certified.float().mean()), 4),
+            "accuracy": round(float((full.prediction == labels).float().mean()), 4),
+            "extra_runs_per_image": round(  # vanilla forward (scalecert) and recoveries
+                (method == "scalecert") + float((lean.recovered_prediction >= 0).float().mean()),
+                3),
+        }
+        for mode in ("full_map", "avoid"):
+            entry = figures["library"][f"{method}.{mode}"]
+            entry["vs_lower_bound"] = ratio(entry["g_runs_per_image"], bound)
+            library_rows.append([f"{method} library {mode}", entry["images_per_s"],
+                                 entry["g_runs_per_image"], entry["vs_lower_bound"],
+                                 entry["efficiency"], entry["wall_s"]])
+
+    # (c) the pipeline, and the scale-out runs
+    pipeline_rows, scale_rows = [], []
+    if not args.no_pipeline:
+        lean = results["scalecert", "avoid"]
+        ids = folder_ids(data)
+        started = time.perf_counter()
+        owned = init_ray(None)
+        figures["ray_start_s"] = round(time.perf_counter() - started, 2)
+        try:
+            with tempfile.TemporaryDirectory(prefix="scalecert-harness-") as scratch:
+                main_run = run_pipeline(setup, data, Path(scratch) / "pipeline", 1,
+                                        args.shard_size, lean, ids)
+                figures["pipeline"] = asdict(main_run)
+                scale_shard = args.scale_shard_size or max(
+                    1, math.ceil(setup.images / (2 * max(args.scale_out, default=1))))
+                figures["scale_out"] = [
+                    asdict(run_pipeline(setup, data, Path(scratch) / f"scale-{n}", n,
+                                        scale_shard, lean, ids))
+                    for n in args.scale_out
+                ]
+        finally:
+            if owned:
+                import ray
+
+                ray.shutdown()
+        limit, library_rate = figures["limit"]["scalecert"], figures["library"][
+            "scalecert.avoid"]["images_per_s"]
+        bound = figures["library"]["scalecert"]["g_runs_lower_bound"]
+        for label, rate in (("end to end", main_run.images_per_s),
+                            ("in shards", main_run.busy_images_per_s)):
+            pipeline_rows.append([f"scalecert pipeline {label}", rate, main_run.g_runs_per_image,
+                                  ratio(main_run.g_runs_per_image, bound),
+                                  ratio(rate * main_run.g_runs_per_image, limit),
+                                  main_run.wall_s if label == "end to end" else
+                                  main_run.wall_s - main_run.fixed_s])
+        figures["pipeline"].update({
+            "efficiency_vs_library": ratio(main_run.images_per_s, library_rate),
+            "busy_efficiency_vs_library": ratio(main_run.busy_images_per_s, library_rate),
+            "efficiency_vs_limit": ratio(main_run.images_per_s * main_run.g_runs_per_image,
+                                         limit),
+        })
+        scale_rows = scale_out_rows(figures["scale_out"], setup.cores)
+
+    print_table("certification (g runs: 1 + evaluated masks per image)",
+                ["", "images/s", "g runs/img", "vs bound", "efficiency", "wall s"],
+                library_rows + pipeline_rows)
+    summary = summary_rows(figures)
+    figures["ratios"] = {name: value for name, value, _ in summary}
+    print_table("ratios", ["", "value", "target"], [list(row) for row in summary])
+    if scale_rows:
+        print_table(f"scale-out (shards of {figures['scale_out'][0]['shard_size']} images)",
+                    ["workers", "threads each", "images/s", "in shards", "g runs/img",
+                     "speed-up", "parallel eff.", "fixed s"], scale_rows)
+
+    target = args.json or REPO / "bench" / "results" / f"harness-{setup.commit}.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(figures, indent=2) + "\n")
+    print(f"\nfigures written to {target}")
+
+
+def scale_out_rows(runs: list[dict[str, Any]], cores: int) -> list[list[Any]]:
+    """Throughput, speed-up over the first run, and parallel efficiency: speed-up / the ratio
+    of cores in use (min(workers x threads, cores)) to the first run's."""
+    if not runs:
+        return []
+    base = runs[0]
+
+    def cores_used(run: dict[str, Any]) -> int:
+        return min(cores, run["workers"] * cpu_threads(run["workers"], cores))
+
+    rows = []
+    for run in runs:
+        speed_up = run["images_per_s"] / base["images_per_s"]
+        run["speed_up"] = round(speed_up, 3)
+        run["parallel_efficiency"] = round(speed_up * cores_used(base) / cores_used(run), 3)
+        rows.append([run["workers"], cpu_threads(run["workers"], cores),
+                     run["images_per_s"], run["busy_images_per_s"], run["g_runs_per_image"],
+                     run["speed_up"],
+                     run["parallel_efficiency"], run["fixed_s"]])
+    return rows
+
+
+def summary_rows(figures: dict[str, Any]) -> list[tuple[str, Any, str]]:
+    """(name, value, target) of the headline ratios."""
+    library = figures["library"]
+    rows: list[tuple[str, Any, str]] = [
+        ("library efficiency (scalecert, avoid)", library["scalecert.avoid"]["efficiency"],
+         ">= 0.9"),
+        ("library efficiency (scalecert, full map)", library["scalecert.full_map"]["efficiency"],
+         ""),
+    ]
+    if "pipeline" in figures:
+        pipeline = figures["pipeline"]
+        rows += [
+            ("pipeline / library images/s", pipeline["efficiency_vs_library"], ">= 0.85"),
+            ("pipeline / library images/s, in shards", pipeline["busy_efficiency_vs_library"],
+             ""),
+            ("pipeline efficiency vs g limit", pipeline["efficiency_vs_limit"], ""),
+            ("pipeline outcomes = library", pipeline["outcomes_match_library"], "True"),
+            ("ray start-up s (excluded)", figures["ray_start_s"], ""),
+        ]
+    for mode in ("avoid", "full_map"):
+        rows.append((f"speed-up scalecert / masking ({mode})",
+                     ratio(library[f"scalecert.{mode}"]["images_per_s"],
+                           library[f"masking.{mode}"]["images_per_s"]), ""))
+    for method in METHODS:
+        rows.append((f"g runs/img vs lower bound ({method}, avoid)",
+                     library[f"{method}.avoid"]["vs_lower_bound"],
+                     "<= 1.2" if method == "scalecert" else ""))
+        rows.append((f"outcomes full map = avoid ({method})",
+                     library[method]["outcomes_identical"], "True"))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
