@@ -90,6 +90,71 @@ def _run_and_report(run: Any, quiet: bool) -> None:
         click.echo(f"  certified accuracy {method:<10} {patch_px:>3} px: {100 * accuracy:5.1f}%")
 
 
+@main.command("finetune")
+@click.option("--data", help="Labelled training images root/<class>/<image>, local or s3://.")
+@click.option("--model", help=f"Model name: {', '.join(available_models())}.")
+@click.option("--checkpoint", help="Weights to start from (local or s3://); default: random.")
+@click.option("--out", help="Output folder (local or s3://): finetune.json, ray-train/ "
+              "(a checkpoint per epoch) and <model>-<method>.pt with its .json sidecar.")
+@click.option("--patch", help="Patch size trained for: pixels (5) or share of the area (2.4%).")
+@click.option("--method", type=click.Choice(METHODS),
+              help="scalecert: SIN pruning in the forward pass; masking: the unpruned control "
+                   "trained on pixel-occluded images (default scalecert).")
+@click.option("--top-k", type=float, help="Share of superficial positions kept (0.15).")
+@click.option("--masks-per-axis", type=int, help="Mask family windows per axis (6).")
+@click.option("--r", type=int, help="Coverage r of the mask family (1).")
+@click.option("--layer", help="Superficial layer (default: after the first ReLU).")
+@click.option("--epochs", type=int, help="Epochs (10).")
+@click.option("--batch-size", type=int, help="Global batch, split over the workers (128).")
+@click.option("--lr", type=float, help="Initial learning rate, cosine schedule (0.01).")
+@click.option("--momentum", type=float, help="SGD momentum (0.9).")
+@click.option("--weight-decay", type=float, help="SGD weight decay (5e-4).")
+@click.option("--mask-probability", type=float,
+              help="Share of training images under a random window of the family (0.5).")
+@click.option("--augment/--no-augment", default=None,
+              help="Random 4-pixel-padded crops and flips (default on).")
+@click.option("--seed", type=int, help="Seed for shuffling, augmentation and windows (0).")
+@click.option("--limit", type=int, help="Train on the first N images only (sorted keys).")
+@click.option("--eval-data", help="Held-out labelled images: accuracy and certified accuracy "
+              "at --patch after every epoch.")
+@click.option("--eval-limit", type=int, help="Evaluate on the first N held-out images only.")
+@click.option("--workers", type=int, help="Ray Train workers (default: one per GPU, else 1).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Worker device (auto).")
+@click.option("--address", help="Ray cluster address (auto, ray://host:10001); default: local.")
+@click.option("--s3-endpoint", help="S3-compatible endpoint URL (default: $AWS_ENDPOINT_URL).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="YAML file with the same options (flags override it).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def finetune_command(config_path: str | None, quiet: bool, **options: Any) -> None:
+    """Fine-tune a model for certification on Ray Train (DDP), resuming from the last epoch.
+
+    Rerunning the same command continues an interrupted run from its newest checkpoint; an
+    output folder of a different run is refused.
+    """
+    from pipeline.progress import TrainingProgress
+    from pipeline.train_config import FinetuneRun
+    from pipeline.training import FinetuneRefused, run_finetune
+
+    try:
+        run = FinetuneRun.from_sources(config_path, options)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    progress = TrainingProgress(run.epochs, enabled=not quiet)
+    try:
+        summary = run_finetune(run, on_event=progress.event)
+    except (ValueError, FileNotFoundError, FinetuneRefused, RuntimeError) as exc:
+        progress.close()
+        raise click.ClickException(str(exc)) from None
+    progress.close()
+    if summary.already_done:
+        click.echo(f"already done: {summary.checkpoint} (rerun with another --out to train again)")
+    if summary.already_done or quiet:
+        for metrics in summary.epochs:
+            click.echo(TrainingProgress.describe(metrics))
+    click.echo(f"wrote {summary.checkpoint} (sha256 {summary.sha256}) trained on "
+               f"{summary.images} images ({summary.skipped} skipped), {summary.wall_s:.1f} s")
+
+
 @main.command("demo")
 @click.option("--out", default="runs/demo", show_default=True, help="Output folder.")
 @click.option("--workdir", default="runs/demo-work", show_default=True,

@@ -83,35 +83,35 @@ class RunConfig:
     s3_endpoint: str | None = None
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.data, str) and self.data, "data", "a local path or s3:// URI")
-        _require(isinstance(self.out, str) and self.out, "out", "a local path or s3:// URI")
+        require(isinstance(self.data, str) and self.data, "data", "a local path or s3:// URI")
+        require(isinstance(self.out, str) and self.out, "out", "a local path or s3:// URI")
         if self.model not in available_models():
             raise ValueError(
                 f"model: unknown model {self.model!r}; available: {', '.join(available_models())}"
             )
         patches = tuple(str(p) for p in self.patches)
-        _require(len(patches) > 0, "patch", "at least one patch size")
+        require(len(patches) > 0, "patch", "at least one patch size")
         object.__setattr__(self, "patches", tuple(str(PatchSize.parse(p)) for p in patches))
-        _require(len(set(self.patches)) == len(self.patches), "patch", "distinct patch sizes")
+        require(len(set(self.patches)) == len(self.patches), "patch", "distinct patch sizes")
         methods = tuple(self.methods)
-        _require(len(methods) > 0, "method", "at least one method")
+        require(len(methods) > 0, "method", "at least one method")
         for method in methods:
-            _require(method in METHODS, "method", f"one of {', '.join(METHODS)} (got {method!r})")
-        _require(len(set(methods)) == len(methods), "method", "distinct methods")
+            require(method in METHODS, "method", f"one of {', '.join(METHODS)} (got {method!r})")
+        require(len(set(methods)) == len(methods), "method", "distinct methods")
         object.__setattr__(self, "methods", methods)
-        _positive_int(self.shard_size, "shard-size")
-        _positive_int(self.batch_size, "batch-size")
-        _positive_int(self.masks_per_axis, "masks-per-axis")
+        positive_int(self.shard_size, "shard-size")
+        positive_int(self.batch_size, "batch-size")
+        positive_int(self.masks_per_axis, "masks-per-axis")
         if self.limit is not None:
-            _positive_int(self.limit, "limit")
+            positive_int(self.limit, "limit")
         if self.workers is not None:
-            _positive_int(self.workers, "workers")
+            positive_int(self.workers, "workers")
         if self.gpus_per_worker is not None:
-            _require(
+            require(
                 isinstance(self.gpus_per_worker, (int, float)) and self.gpus_per_worker >= 0,
                 "gpus-per-worker", "a number >= 0",
             )
-        _require(self.device in ("auto", "cpu", "cuda"), "device", "auto, cpu or cuda")
+        require(self.device in ("auto", "cpu", "cuda"), "device", "auto, cpu or cuda")
         # the certification settings are validated by CertConfig itself (names its fields)
         for method in self.methods:
             self.cert_config(1, method)
@@ -159,8 +159,11 @@ class RunConfig:
         return cls(**values)
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a run YAML file: a mapping of option names (``top-k`` or ``top_k``) to values."""
+def load_yaml(path: str | Path, known: frozenset[str] | None = None) -> dict[str, Any]:
+    """Read a run YAML file: a mapping of option names (``top-k`` or ``top_k``) to values.
+
+    ``known``: the accepted names (underscored); default: the options of ``scalecert certify``.
+    """
     path = Path(path)
     try:
         loaded = yaml.safe_load(path.read_text())
@@ -172,7 +175,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(loaded, dict):
         raise ValueError(f"config: {path} must hold a mapping of option names to values")
-    known = {f.name for f in fields(RunConfig)} | {"patch", "method"}
+    if known is None:
+        known = frozenset({f.name for f in fields(RunConfig)} | {"patch", "method"})
     values = {}
     for key, value in loaded.items():
         name = str(key).replace("-", "_")
@@ -186,11 +190,11 @@ def _jsonable(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def _require(condition: bool, option: str, expected: str) -> None:
+def require(condition: bool, option: str, expected: str) -> None:
     if not condition:
         raise ValueError(f"--{option}: expected {expected}")
 
 
-def _positive_int(value: Any, option: str) -> None:
-    _require(not isinstance(value, bool) and isinstance(value, int) and value >= 1, option,
+def positive_int(value: Any, option: str) -> None:
+    require(not isinstance(value, bool) and isinstance(value, int) and value >= 1, option,
              f"an integer >= 1, got {value!r}")

@@ -65,14 +65,21 @@ def part_location(out: str, shard: int) -> str:
 
 
 def load_run_model(run: RunConfig, s3: storage.S3Options) -> StagedClassifier:
-    """The run's model with its checkpoint loaded (an ``s3://`` checkpoint is downloaded to a
+    """The run's model with its checkpoint loaded (see :func:`load_stored_model`)."""
+    return load_stored_model(run.model, run.checkpoint, s3)
+
+
+def load_stored_model(
+    name: str, checkpoint: str | None, s3: storage.S3Options
+) -> StagedClassifier:
+    """Model ``name`` with ``checkpoint`` loaded (an ``s3://`` checkpoint is downloaded to a
     temporary file first). ``model.checkpoint_sha256`` fingerprints the weights."""
-    if run.checkpoint is None or not storage.is_s3(run.checkpoint):
-        return load_model(run.model, checkpoint=run.checkpoint)
+    if checkpoint is None or not storage.is_s3(checkpoint):
+        return load_model(name, checkpoint=checkpoint)
     with tempfile.TemporaryDirectory(prefix="scalecert-ckpt-") as folder:
-        path = Path(folder) / Path(run.checkpoint).name
-        path.write_bytes(storage.read_bytes(run.checkpoint, s3))
-        return load_model(run.model, checkpoint=path)
+        path = Path(folder) / Path(checkpoint).name
+        path.write_bytes(storage.read_bytes(checkpoint, s3))
+        return load_model(name, checkpoint=path)
 
 
 class ShardWorker:

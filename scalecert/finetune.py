@@ -5,7 +5,8 @@ random window of the mask family or none, so that only the kept features carry g
 head learns to classify from k positions. The `masking` control trains the unpruned model on
 images with a random window occluded, so both defenses get the same budget.
 
-This is the single-device loop; :func:`training_loss` is the step a distributed trainer reuses.
+This is the single-device loop; the distributed trainer (``pipeline/training.py``) reuses
+:class:`DefendedForward` and the same window sampling and augmentation.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from scalecert.baselines import box_masks
 from scalecert.config import CertConfig
@@ -102,6 +104,42 @@ def sample_windows(
     return chosen
 
 
+def defended_logits(
+    model: StagedClassifier, cert: CertConfig, images: torch.Tensor, windows: torch.Tensor
+) -> torch.Tensor:
+    """Logits of the defended forward pass under ``windows`` (one box per image; empty: none).
+
+    scalecert: F(x, m) = g(A * 1[keep_m]), the selection made on detached scores, so gradient
+    reaches only kept features (winner-take-all). masking: the unpruned model on occluded pixels.
+    """
+    if cert.method == "masking":
+        masks = box_masks(windows.to(images.device), images.shape[2:])
+        return model(torch.where(masks, torch.full_like(images, cert.occlusion_value), images))
+    split = model.split(cert.layer)
+    features = split.stem(images)
+    feature_hw = tuple(features.shape[2:])
+    excluded = Footprints(split.geometry, feature_hw)(windows).to(features.device)
+    order = selection_order(sin_scores(features.detach()))
+    keep = keep_positions(order, excluded, keep_count(cert.top_k, feature_hw))
+    return split.head(prune(features, keep))
+
+
+class DefendedForward(nn.Module):
+    """``model`` under the defended forward pass as one module, ``forward(images, windows)``.
+
+    Distributed data-parallel training must call the wrapped module's own ``forward`` for its
+    gradient hooks to fire, so the trainer wraps this (not the stem and head separately).
+    """
+
+    def __init__(self, model: StagedClassifier, cert: CertConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.cert = cert
+
+    def forward(self, images: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+        return defended_logits(self.model, self.cert, images, windows)
+
+
 def training_loss(
     model: StagedClassifier,
     cert: CertConfig,
@@ -109,22 +147,8 @@ def training_loss(
     labels: torch.Tensor,
     windows: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy of the defended forward pass under ``windows`` (empty: none), and logits.
-
-    scalecert: F(x, m) = g(A * 1[keep_m]), the selection made on detached scores, so gradient
-    reaches only kept features (winner-take-all). masking: the unpruned model on occluded pixels.
-    """
-    if cert.method == "masking":
-        masks = box_masks(windows.to(images.device), images.shape[2:])
-        logits = model(torch.where(masks, torch.full_like(images, cert.occlusion_value), images))
-        return F.cross_entropy(logits, labels), logits
-    split = model.split(cert.layer)
-    features = split.stem(images)
-    feature_hw = tuple(features.shape[2:])
-    excluded = Footprints(split.geometry, feature_hw)(windows).to(features.device)
-    order = selection_order(sin_scores(features.detach()))
-    keep = keep_positions(order, excluded, keep_count(cert.top_k, feature_hw))
-    logits = split.head(prune(features, keep))
+    """Cross-entropy of the defended forward pass (:func:`defended_logits`), and the logits."""
+    logits = defended_logits(model, cert, images, windows)
     return F.cross_entropy(logits, labels), logits
 
 

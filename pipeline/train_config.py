@@ -1,0 +1,149 @@
+"""The fine-tuning run configuration: every option of ``scalecert finetune``, validated once.
+
+A ``FinetuneRun`` comes from command-line flags over an optional YAML file, like the
+certification ``RunConfig``. ``fingerprint_fields`` are the options that change the trained
+weights; workers, devices and addresses do not, so an interrupted run can be resumed on
+another cluster shape.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import PatchSize, load_yaml, positive_int, require
+from scalecert import CertConfig, available_models
+from scalecert.config import METHODS
+from scalecert.finetune import FinetuneConfig
+
+_LIBRARY = FinetuneConfig(cert=CertConfig(patch_px=1))  # the library's training defaults
+
+
+@dataclass(frozen=True)
+class FinetuneRun:
+    """Options of one fine-tuning run (see ``scalecert finetune --help``).
+
+    ``batch_size`` is the global batch (split evenly over the workers), so the optimisation is
+    the same whatever the number of workers; ``lr`` follows a cosine schedule over all steps.
+    """
+
+    data: str
+    model: str
+    out: str
+    patch: str
+    checkpoint: str | None = None
+    method: str = "scalecert"
+    top_k: float = 0.15
+    masks_per_axis: int = 6
+    r: int = 1
+    layer: str | None = None
+    epochs: int = 10
+    batch_size: int = _LIBRARY.batch_size
+    lr: float = _LIBRARY.lr
+    momentum: float = _LIBRARY.momentum
+    weight_decay: float = _LIBRARY.weight_decay
+    mask_probability: float = _LIBRARY.mask_probability
+    augment: bool = _LIBRARY.augment
+    seed: int = _LIBRARY.seed
+    limit: int | None = None
+    eval_data: str | None = None
+    eval_limit: int | None = None
+    workers: int | None = None
+    device: str = "auto"
+    address: str | None = None
+    s3_endpoint: str | None = None
+
+    def __post_init__(self) -> None:
+        require(isinstance(self.data, str) and bool(self.data), "data",
+                "a local path or s3:// URI")
+        require(isinstance(self.out, str) and bool(self.out), "out", "a local path or s3:// URI")
+        if self.model not in available_models():
+            raise ValueError(
+                f"--model: unknown model {self.model!r}; available: "
+                f"{', '.join(available_models())}"
+            )
+        object.__setattr__(self, "patch", str(PatchSize.parse(self.patch)))
+        require(self.method in METHODS, "method", f"one of {', '.join(METHODS)}, got "
+                f"{self.method!r}")
+        positive_int(self.epochs, "epochs")
+        positive_int(self.batch_size, "batch-size")
+        positive_int(self.masks_per_axis, "masks-per-axis")
+        for name in ("limit", "eval_limit", "workers"):
+            value = getattr(self, name)
+            if value is not None:
+                positive_int(value, name.replace("_", "-"))
+        require(isinstance(self.seed, int) and not isinstance(self.seed, bool), "seed",
+                f"an integer, got {self.seed!r}")
+        require(self.device in ("auto", "cpu", "cuda"), "device", "auto, cpu or cuda")
+        require(self.eval_limit is None or self.eval_data is not None, "eval-limit",
+                "--eval-data as well")
+        if self.workers is not None:
+            require(self.batch_size % self.workers == 0, "batch-size",
+                    f"a multiple of --workers ({self.workers}), got {self.batch_size}")
+        for name in ("lr", "momentum", "weight_decay", "mask_probability"):
+            value = getattr(self, name)
+            require(isinstance(value, (int, float)) and not isinstance(value, bool)
+                    and math.isfinite(value), name.replace("_", "-"), f"a number, got {value!r}")
+        self.finetune_config(32)  # the library validates the rest and names the field
+
+    def cert_config(self, image_side: int) -> CertConfig:
+        """The certification setting trained for, on ``image_side`` x ``image_side`` inputs."""
+        return self._flag_errors(lambda: CertConfig(
+            patch_px=PatchSize.parse(self.patch).pixels(image_side), top_k=self.top_k,
+            masks_per_axis=self.masks_per_axis, r=self.r, method=self.method, layer=self.layer,
+        ))
+
+    def finetune_config(self, image_side: int) -> FinetuneConfig:
+        """The library's training settings for ``image_side`` x ``image_side`` inputs."""
+        cert = self.cert_config(image_side)
+        return self._flag_errors(lambda: FinetuneConfig(
+            cert=cert, epochs=self.epochs, batch_size=self.batch_size, lr=float(self.lr),
+            momentum=float(self.momentum), weight_decay=float(self.weight_decay),
+            mask_probability=float(self.mask_probability), augment=bool(self.augment),
+            seed=self.seed,
+        ))
+
+    @staticmethod
+    def _flag_errors(build: Any) -> Any:
+        try:
+            return build()
+        except ValueError as exc:  # "top_k: ..." -> "--top-k: ...", the flag the user knows
+            name, _, rest = str(exc).partition(":")
+            raise ValueError(f"--{name.replace('_', '-')}:{rest}") from None
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        """The options that determine the trained weights (for the run fingerprint)."""
+        skip = {"out", "workers", "device", "address", "s3_endpoint"}
+        return {k: v for k, v in asdict(self).items() if k not in skip}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def command_line(self) -> str:
+        """The ``scalecert finetune`` command for these options (defaults left out)."""
+        words = ["scalecert", "finetune"]
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if value == item.default and item.name not in ("data", "model", "out", "patch"):
+                continue
+            flag = "--" + item.name.replace("_", "-")
+            if isinstance(value, bool):
+                words.append(flag if value else f"--no-{item.name.replace('_', '-')}")
+            else:
+                words += [flag, str(value)]
+        return " ".join(words)
+
+    @classmethod
+    def from_sources(cls, yaml_path: str | Path | None, overrides: dict[str, Any]) -> FinetuneRun:
+        """Options from a YAML file (keys as on the command line), flags taking precedence."""
+        values: dict[str, Any] = {}
+        if yaml_path is not None:
+            values.update(load_yaml(yaml_path, frozenset(f.name for f in fields(cls))))
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        missing = [name for name in ("data", "model", "out", "patch") if name not in values]
+        if missing:
+            raise ValueError("missing required option(s): "
+                             + ", ".join(f"--{name}" for name in missing))
+        return cls(**values)
