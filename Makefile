@@ -12,7 +12,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 # Files tests keep for people to look at (the report screenshot): git-ignored.
 export SCALECERT_TEST_ARTIFACTS ?= $(CURDIR)/test-artifacts
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench reproduce-cifar clean
 
 install: $(INSTALLED)
 
@@ -29,6 +29,10 @@ demo: $(INSTALLED)
 
 bench: $(INSTALLED)
 	$(PY) bench/harness.py $(BENCH_ARGS)
+
+# Fine-tune and certify CIFAR-10 as in docs/REPRODUCTION.md (hours on a CPU; resumable).
+reproduce-cifar: $(INSTALLED)
+	bash bench/reproduce_cifar.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,106 @@
+"""Print the CIFAR-10 reproduction table (Markdown) from a ``bench/reproduce_cifar.sh`` folder.
+
+Reads each certification run's ``report.json`` (written by ``scalecert report``), each
+fine-tune's checkpoint sidecar, and ``timings.tsv`` (wall seconds per step), and sets the
+measured rows beside the published CIFAR-10 rows of ``pipeline/published_results.json``.
+
+    python bench/reproduction_table.py runs/reproduce-cifar
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+from pipeline.published import load_published
+
+PATCHES = ((2, "0.4%"), (5, "2.4%"))
+MODEL = "cifar_resnet20"
+
+
+def pct(proportion: dict[str, Any]) -> str:
+    low, high = proportion["ci95"]
+    return f"{100 * proportion['value']:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def timings(work: Path) -> dict[str, int]:
+    path = work / "timings.tsv"
+    if not path.exists():
+        return {}
+    rows = (line.split("\t") for line in path.read_text().splitlines() if "\t" in line)
+    return {name: int(seconds) for name, seconds in rows}  # the last entry of a step wins
+
+
+def group(report: dict[str, Any], method: str, patch_px: int) -> dict[str, Any] | None:
+    return next((g for g in report["groups"]
+                 if g["method"] == method and g["patch_px"] == patch_px), None)
+
+
+def main_table(work: Path, seconds: dict[str, int]) -> list[str]:
+    lines = ["| defense | source | patch | clean % [95% CI] | certified % [95% CI] | "
+             "pruned % | masks run / image (of 36) | fine-tune | certify wall |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for method in ("scalecert", "masking"):
+        report = read_json(work / f"certify-{method}" / "report.json")
+        sidecar = read_json(work / f"finetune-{method}" / f"{MODEL}-{method}.pt.json")
+        if report is None or sidecar is None:
+            lines.append(f"| {method} | measured | – | not run yet | | | | | |")
+            continue
+        training = (f"{len(sidecar['epochs'])} epochs, {sidecar['wall_s'] / 60:.0f} min, "
+                    f"{sidecar['workers']} workers")
+        wall = seconds.get(f"certify certify-{method}")
+        for px, share in PATCHES:
+            g = group(report, method, px)
+            if g is None:
+                continue
+            lines.append(
+                f"| {method} (ResNet-20) | measured | {share} ({px} px) | "
+                f"{pct(g['clean_accuracy'])} | {pct(g['certified_accuracy'])} | "
+                f"{100 * g['pruned_accuracy']['value']:.1f} | {g['masks']['evaluated_mean']:.1f} | "
+                f"{training} | {'' if wall is None else f'{wall} s (both patches)'} |")
+    for row in load_published():
+        if row.dataset == "CIFAR-10" and row.source == "scalecert-paper":
+            lines.append(f"| {row.defense} | paper | {row.patch_area_percent:g}% | "
+                         f"{row.clean_accuracy:.1f} | {row.certified_accuracy:.1f} | | | | |")
+    return lines
+
+
+def sweep_table(work: Path) -> list[str]:
+    lines = ["| top-k | clean % [95% CI] | certified % at 2.4% [95% CI] | pruned % | "
+             "masks run / image | fine-tune |", "|---|---|---|---|---|---|"]
+    found = False
+    for k in ("0.10", "0.15", "0.20"):
+        report = read_json(work / f"sweep-certify-k{k}" / "report.json")
+        sidecar = read_json(work / f"sweep-finetune-k{k}" / f"{MODEL}-scalecert.pt.json")
+        if report is None or sidecar is None or (g := group(report, "scalecert", 5)) is None:
+            continue
+        found = True
+        lines.append(f"| {float(k):.0%} | {pct(g['clean_accuracy'])} | "
+                     f"{pct(g['certified_accuracy'])} | {100 * g['pruned_accuracy']['value']:.1f} |"
+                     f" {g['masks']['evaluated_mean']:.1f} | {len(sidecar['epochs'])} epochs, "
+                     f"{sidecar['wall_s'] / 60:.0f} min |")
+    return lines if found else ["(sweep not run)"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("work", type=Path, help="the reproduce_cifar.sh working folder")
+    args = parser.parse_args()
+    seconds = timings(args.work)
+    print(f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}, "
+          f"{os.cpu_count()} cores; test set: 10,000 CIFAR-10 JPEGs\n")
+    print("\n".join(main_table(args.work, seconds)))
+    print("\nTop-k sweep (scalecert, fine-tuned at each k with the sweep budget):\n")
+    print("\n".join(sweep_table(args.work)))
+
+
+if __name__ == "__main__":
+    main()
