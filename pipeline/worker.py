@@ -2,9 +2,9 @@
 
 ``ShardWorker`` is a plain class (Ray's batch-inference pattern: the model is loaded in
 ``__init__``); the driver wraps it in a Ray actor. For one shard it reads and decodes the images
-in threads, certifies them in chunks for every (patch size, method) — sharing each chunk's
-decode and stem across them — and writes ``part-<shard>.parquet`` atomically, so a shard is
-either completely written or absent.
+in I/O threads, a chunk ahead of certification, certifies them chunk by chunk for every (patch
+size, method) — sharing each chunk's decode and stem across them — and writes
+``part-<shard>.parquet`` atomically, so a shard is either completely written or absent.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,8 @@ class ShardSummary:
     rows: int
     seconds: float
     certified: dict[str, int] = field(default_factory=dict)  # "<patch_px>px/<method>" -> count
+    started_at: float = 0.0  # wall clock (time.time()) when the shard started, and finished
+    finished_at: float = 0.0
 
 
 def part_location(out: str, shard: int) -> str:
@@ -120,29 +123,50 @@ class ShardWorker:
         except OSError as exc:
             return f"cannot read {record.location}: {exc}"
 
+    def decoded_chunks(
+        self, records: tuple[ImageRecord, ...]
+    ) -> Iterator[list[tuple[ImageRecord, np.ndarray | str]]]:
+        """``records`` in chunks of ``chunk_images``, each record with its decoded image or the
+        reason it has none. The next chunk is decoding in the I/O threads while the caller works
+        on the current one."""
+        size = self.settings.chunk_images
+        chunks = [records[begin:begin + size] for begin in range(0, len(records), size)]
+
+        def submit(chunk: tuple[ImageRecord, ...]) -> list[Future]:
+            return [self.io_pool.submit(self._decode, record) for record in chunk]
+
+        pending = submit(chunks[0]) if chunks else []
+        for index, chunk in enumerate(chunks):
+            decoded = [future.result() for future in pending]
+            if index + 1 < len(chunks):
+                pending = submit(chunks[index + 1])
+            yield list(zip(chunk, decoded))
+
     def run(self, task: ShardTask) -> ShardSummary:
         """Certify one shard and write its Parquet file; returns counts for the progress line."""
-        start = time.perf_counter()
+        started_at, start = time.time(), time.perf_counter()
         context = RowContext(run_id=self.settings.run_id, shard=task.index)
-        decoded = list(self.io_pool.map(self._decode, task.records))
         rows: list[dict[str, Any]] = []
-        good: list[tuple[ImageRecord, np.ndarray]] = []
-        for record, outcome in zip(task.records, decoded):
-            if isinstance(outcome, str):
-                rows += error_rows(context, record.image_id, record.label, outcome, self.keys)
-            else:
-                good.append((record, outcome))
         certified = {f"{px}px/{method}": 0 for px, method in self.keys}
-        for begin in range(0, len(good), self.settings.chunk_images):
-            chunk = good[begin:begin + self.settings.chunk_images]
-            rows += self._certify_chunk(context, chunk, certified)
+        errors = 0
+        for chunk in self.decoded_chunks(task.records):
+            good: list[tuple[ImageRecord, np.ndarray]] = []
+            for record, outcome in chunk:
+                if isinstance(outcome, str):
+                    rows += error_rows(context, record.image_id, record.label, outcome, self.keys)
+                    errors += 1
+                else:
+                    good.append((record, outcome))
+            if good:
+                rows += self._certify_chunk(context, good, certified)
         if task.crash_before_write:
             os._exit(17)  # simulate a worker killed mid-shard (tests only)
         data = to_parquet_bytes(rows, self.settings.metadata)
         storage.write_bytes_atomic(part_location(self.settings.run.out, task.index), data, self.s3)
         return ShardSummary(
-            index=task.index, images=len(task.records), errors=len(task.records) - len(good),
+            index=task.index, images=len(task.records), errors=errors,
             rows=len(rows), seconds=time.perf_counter() - start, certified=certified,
+            started_at=started_at, finished_at=time.time(),
         )
 
     def _certify_chunk(
