@@ -5,11 +5,12 @@
 #      (scalecert) and the masking control with the same budget
 #   3. scalecert certify: all 10,000 test images at 0.4% (2 px) and 2.4% (5 px), each method
 #      with its own fine-tuned weights; scalecert report for each run
-#   4. the top-k sweep (10/15/20%) with a shorter budget, certified at 2.4%
+#   4. the top-k sweep (10/15/20%) with a shorter budget, certified at 2.4%, and two ablations
+#      with that budget: a window in every training step, and a deeper superficial layer
 #   5. bench/reproduction_table.py: the measured table beside the paper's rows
 # Every step is resumable: rerunning skips finished fine-tunes and certificate shards.
 # Environment: SHARED (../shared), WORK (runs/reproduce-cifar), EPOCHS (16), SWEEP_EPOCHS (4),
-# WORKERS (2 Ray Train workers), SKIP_SWEEP=1 to leave the sweep out.
+# WORKERS (2 Ray Train workers), SKIP_SWEEP=1 to leave the sweep and ablations out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -52,13 +53,14 @@ finetune() {  # finetune OUT METHOD TOP_K EPOCHS [extra flags]
     --eval-limit 1000 "$@"
 }
 
-certify() {  # certify OUT CHECKPOINT METHOD TOP_K PATCH...
+certify() {  # certify OUT CHECKPOINT METHOD TOP_K PATCH... [-- extra flags]
   local out=$1 checkpoint=$2 method=$3 top_k=$4; shift 4
   local patches=()
-  for p in "$@"; do patches+=(--patch "$p"); done
+  while [ $# -gt 0 ] && [ "$1" != -- ]; do patches+=(--patch "$1"); shift; done
+  [ $# -gt 0 ] && shift
   timed "certify $out" "$SCALECERT" certify --data "$WORK/data/test" --model cifar_resnet20 \
     --checkpoint "$checkpoint" --method "$method" --top-k "$top_k" "${patches[@]}" \
-    --out "$WORK/$out" --quiet
+    --out "$WORK/$out" --quiet "$@"
   "$SCALECERT" report "$WORK/$out" --thumbnails 8 > /dev/null
 }
 
@@ -76,6 +78,13 @@ if [ "${SKIP_SWEEP:-0}" != 1 ]; then
     certify "sweep-certify-k$k" "$WORK/sweep-finetune-k$k/cifar_resnet20-scalecert.pt" \
       scalecert "$k" 2.4%
   done
+  # ablations at the sweep budget and top-k 15%
+  finetune ablation-finetune-windows-always scalecert 0.15 "$SWEEP_EPOCHS" --mask-probability 1.0
+  certify ablation-certify-windows-always \
+    "$WORK/ablation-finetune-windows-always/cifar_resnet20-scalecert.pt" scalecert 0.15 2.4%
+  finetune ablation-finetune-layer1 scalecert 0.15 "$SWEEP_EPOCHS" --layer layer1
+  certify ablation-certify-layer1 "$WORK/ablation-finetune-layer1/cifar_resnet20-scalecert.pt" \
+    scalecert 0.15 2.4% -- --layer layer1
 fi
 
 "$PYTHON" bench/reproduction_table.py "$WORK" | tee "$WORK/table.md"

@@ -73,21 +73,36 @@ def main_table(work: Path, seconds: dict[str, int]) -> list[str]:
     return lines
 
 
-def sweep_table(work: Path) -> list[str]:
-    lines = ["| top-k | clean % [95% CI] | certified % at 2.4% [95% CI] | pruned % | "
-             "masks run / image | fine-tune |", "|---|---|---|---|---|---|"]
-    found = False
-    for k in ("0.10", "0.15", "0.20"):
-        report = read_json(work / f"sweep-certify-k{k}" / "report.json")
-        sidecar = read_json(work / f"sweep-finetune-k{k}" / f"{MODEL}-scalecert.pt.json")
-        if report is None or sidecar is None or (g := group(report, "scalecert", 5)) is None:
-            continue
-        found = True
-        lines.append(f"| {float(k):.0%} | {pct(g['clean_accuracy'])} | "
-                     f"{pct(g['certified_accuracy'])} | {100 * g['pruned_accuracy']['value']:.1f} |"
-                     f" {g['masks']['evaluated_mean']:.1f} | {len(sidecar['epochs'])} epochs, "
-                     f"{sidecar['wall_s'] / 60:.0f} min |")
-    return lines if found else ["(sweep not run)"]
+def budget_row(work: Path, certify_dir: str, finetune_dir: str, label: str) -> str | None:
+    """A row of the sweep or ablation table: one fine-tune certified at 2.4%."""
+    report = read_json(work / certify_dir / "report.json")
+    sidecar = read_json(work / finetune_dir / f"{MODEL}-scalecert.pt.json")
+    if report is None or sidecar is None or (g := group(report, "scalecert", 5)) is None:
+        return None
+    return (f"| {label} | {pct(g['clean_accuracy'])} | {pct(g['certified_accuracy'])} | "
+            f"{100 * g['pruned_accuracy']['value']:.1f} | {g['masks']['evaluated_mean']:.1f} | "
+            f"{len(sidecar['epochs'])} epochs, {sidecar['wall_s'] / 60:.0f} min |")
+
+
+def budget_table(work: Path, rows: list[tuple[str, str, str]]) -> list[str]:
+    lines = [budget_row(work, *row) for row in rows]
+    found = [line for line in lines if line is not None]
+    if not found:
+        return ["(not run)"]
+    return ["| setting | clean % [95% CI] | certified % at 2.4% [95% CI] | pruned % | "
+            "masks run / image | fine-tune |", "|---|---|---|---|---|---|", *found]
+
+
+SWEEP = tuple((f"sweep-certify-k{k}", f"sweep-finetune-k{k}", f"top-k {float(k):.0%}")
+              for k in ("0.10", "0.15", "0.20"))
+ABLATIONS = (
+    ("sweep-certify-k0.15", "sweep-finetune-k0.15",
+     "reference: top-k 15%, layer relu, windows in half the steps"),
+    ("ablation-certify-windows-always", "ablation-finetune-windows-always",
+     "a window in every training step (--mask-probability 1.0)"),
+    ("ablation-certify-layer1", "ablation-finetune-layer1",
+     "superficial layer layer1 (after the first stage) instead of relu"),
+)
 
 
 def main() -> None:
@@ -99,7 +114,9 @@ def main() -> None:
           f"{os.cpu_count()} cores; test set: 10,000 CIFAR-10 JPEGs\n")
     print("\n".join(main_table(args.work, seconds)))
     print("\nTop-k sweep (scalecert, fine-tuned at each k with the sweep budget):\n")
-    print("\n".join(sweep_table(args.work)))
+    print("\n".join(budget_table(args.work, list(SWEEP))))
+    print("\nAblations (scalecert, sweep budget, top-k 15%):\n")
+    print("\n".join(budget_table(args.work, list(ABLATIONS))))
 
 
 if __name__ == "__main__":
