@@ -10,7 +10,9 @@ import torch
 
 from pipeline.data import load_image_folder
 from scalecert import CertConfig, Certifier, create_model, load_model
-from scalecert.finetune import FinetuneConfig, augment, finetune, sample_windows, training_loss
+from scalecert.finetune import (
+    DefendedForward, FinetuneConfig, augment, finetune, sample_windows, training_loss,
+)
 from scalecert.models import save_checkpoint
 
 
@@ -109,3 +111,23 @@ def test_masking_control_trains_the_unpruned_model() -> None:
     assert len(history) == 1 and history[0].images == 16
     assert not torch.equal(before["linear.weight"], model.state_dict()["linear.weight"])
     assert not model.training
+
+
+@pytest.mark.parametrize("method", ["scalecert", "masking"])
+def test_training_forward_is_the_certified_forward(cifar10_test_dir, resnet20_checkpoint,
+                                                   method: str) -> None:
+    """What fine-tuning optimises is what certification evaluates: in eval mode the training
+    forward under each window of the family predicts what the certifier's full map records
+    for that window, and with no window it predicts M(x)."""
+    images, labels = load_image_folder(cifar10_test_dir, per_class=1)
+    cert = CertConfig(patch_px=5, top_k=0.15, method=method)
+    model = load_model("cifar_resnet20", checkpoint=resnet20_checkpoint)
+    result = Certifier(model, cert, full_map=True).certify(images, labels)
+    boxes = Certifier(model, cert).mask_boxes(32)
+    forward = DefendedForward(model, cert).eval()
+    with torch.no_grad():
+        unmasked = forward(images, torch.zeros(len(images), 4, dtype=torch.int64)).argmax(1)
+        assert torch.equal(unmasked, result.prediction)
+        for index, box in enumerate(boxes):
+            predicted = forward(images, box.expand(len(images), 4)).argmax(1)
+            assert torch.equal(predicted, result.mask_predictions[:, index]), f"window {index}"
