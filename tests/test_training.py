@@ -117,7 +117,7 @@ def test_two_workers_train_checkpoint_each_epoch_and_resume_to_the_same_weights(
     assert not ray.is_initialized()
 
 
-def test_cli_finetunes_the_masking_control_from_s3_data(
+def test_cli_finetunes_the_masking_control_from_and_to_s3(
     s3_env, s3_server, tiny_sets, resnet20_checkpoint, tmp_path
 ):
     train, _ = tiny_sets
@@ -125,21 +125,31 @@ def test_cli_finetunes_the_masking_control_from_s3_data(
     for path in sorted(train.rglob("*.jpg")):
         client.put_object(Bucket=s3_env, Key=f"train/{path.relative_to(train)}",
                           Body=path.read_bytes())
-    out = tmp_path / "masking"
-    result = CliRunner().invoke(main, [
-        "finetune", "--quiet", "--data", f"s3://{s3_env}/train", "--model", "cifar_resnet20",
-        "--checkpoint", str(resnet20_checkpoint), "--out", str(out), "--patch", "2",
-        "--method", "masking", "--epochs", "1", "--batch-size", "20", "--workers", "1",
-        "--s3-endpoint", s3_server.endpoint])
+    args = ["finetune", "--quiet", "--data", f"s3://{s3_env}/train", "--model", "cifar_resnet20",
+            "--checkpoint", str(resnet20_checkpoint), "--out", f"s3://{s3_env}/runs/masking",
+            "--patch", "2", "--method", "masking", "--epochs", "1", "--batch-size", "20",
+            "--workers", "1", "--s3-endpoint", s3_server.endpoint]
+    result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert "epoch 1: loss" in result.output and "(1 skipped)" in result.output
-    checkpoint = out / "cifar_resnet20-masking.pt"
-    sidecar = json.loads(Path(f"{checkpoint}.json").read_text())
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket=s3_env, Prefix="runs/")["Contents"]}
+    assert {"runs/masking/finetune.json", "runs/masking/cifar_resnet20-masking.pt",
+            "runs/masking/cifar_resnet20-masking.pt.json"} <= keys
+    assert any(k.startswith("runs/masking/ray-train/") and k.endswith("state.pt") for k in keys)
+    body = client.get_object(Bucket=s3_env, Key="runs/masking/cifar_resnet20-masking.pt.json")
+    sidecar = json.loads(body["Body"].read())
     assert sidecar["method"] == "masking" and sidecar["finetune"]["cert"]["method"] == "masking"
     assert sidecar["data"]["source"] == f"s3://{s3_env}/train"
     assert sidecar["data"]["usable"] == 60 and "eval_accuracy" not in sidecar["epochs"][0]
-    trained, start = _state(str(checkpoint)), load_model("cifar_resnet20", resnet20_checkpoint)
+    weights = tmp_path / "masking.pt"
+    weights.write_bytes(client.get_object(
+        Bucket=s3_env, Key="runs/masking/cifar_resnet20-masking.pt")["Body"].read())
+    trained, start = _state(str(weights)), load_model("cifar_resnet20", resnet20_checkpoint)
     assert not torch.equal(trained["linear.weight"], start.linear.weight)
+
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0, again.output + repr(again.exception)
+    assert "already done" in again.output
 
 
 @pytest.mark.parametrize("changes, message", [
