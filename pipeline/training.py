@@ -293,8 +293,8 @@ def _manifest(run: FinetuneRun, dataset: Dataset, start_sha256: str | None) -> d
             "classes": list(dataset.classes), "images": len(dataset.records)}
 
 
-def prepare_output(run: FinetuneRun, manifest: dict[str, Any], s3: storage.S3Options) -> bool:
-    """Write ``finetune.json``, or check the one there. True when the final checkpoint of
+def check_output(run: FinetuneRun, manifest: dict[str, Any], s3: storage.S3Options) -> bool:
+    """Refuse an output folder of another run (read only). True when the final checkpoint of
     this very run already exists (nothing to do)."""
     location = storage.join(run.out, MANIFEST)
     if storage.exists(location, s3):
@@ -308,8 +308,14 @@ def prepare_output(run: FinetuneRun, manifest: dict[str, Any], s3: storage.S3Opt
                 f"{previous.get('fingerprint')}, this run {manifest['fingerprint']}): different "
                 "data, weights or options; choose another --out")
         return storage.exists(final_checkpoint_location(run), s3)
-    storage.write_text_atomic(location, json.dumps(manifest, indent=2, sort_keys=True) + "\n", s3)
     return False
+
+
+def write_manifest(run: FinetuneRun, manifest: dict[str, Any], s3: storage.S3Options) -> None:
+    location = storage.join(run.out, MANIFEST)
+    if not storage.exists(location, s3):
+        text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+        storage.write_text_atomic(location, text, s3)
 
 
 def _ray_storage(run: FinetuneRun, s3: storage.S3Options) -> tuple[str, Any]:
@@ -401,7 +407,7 @@ def run_finetune(
                          f"{start.num_classes} outputs")
     run.finetune_config(image_side)
     manifest = _manifest(run, dataset, getattr(start, "checkpoint_sha256", None))
-    if prepare_output(run, manifest, s3):
+    if check_output(run, manifest, s3):
         location = final_checkpoint_location(run)
         sidecar = json.loads(storage.read_text(location + ".json", s3))
         sha256 = hashlib.sha256(storage.read_bytes(location, s3)).hexdigest()
@@ -414,9 +420,12 @@ def run_finetune(
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
 
+    if run.device == "cuda" and run.address is None and not torch.cuda.is_available():
+        raise ValueError("--device cuda: this machine has no CUDA device (torch sees none)")
     owned = init_ray(run.address)
     try:
-        workers, cpus, use_gpu = _layout(run)
+        workers, cpus, use_gpu = _layout(run)  # refuses before anything is written
+        write_manifest(run, manifest, s3)
         progress = Queue(actor_options={"num_cpus": 0}) if on_event is not None else None
         job = TrainJob(run=run, records=records, eval_records=eval_records,
                        image_side=image_side, threads=int(cpus), progress=progress,

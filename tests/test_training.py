@@ -214,3 +214,13 @@ def test_data_fingerprint_follows_the_bytes(tiny_sets, tmp_path):
                                                  "label 7 is outside the model's 5 classes",
                                                  "label 8 is outside the model's 5 classes",
                                                  "label 9 is outside the model's 5 classes"}
+
+
+def test_cuda_without_a_gpu_is_refused_before_anything_is_written(tiny_sets, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device: the refusal cannot happen here")
+    train, _ = tiny_sets
+    with pytest.raises(ValueError, match="--device cuda: this machine has no CUDA device"):
+        run_finetune(FinetuneRun(data=str(train), model="cifar_resnet20", out=str(tmp_path / "o"),
+                                 patch="5", device="cuda"))
+    assert not (tmp_path / "o").exists()
