@@ -39,6 +39,12 @@ def timings(work: Path) -> dict[str, int]:
     return {name: int(seconds) for name, seconds in rows}  # the last entry of a step wins
 
 
+def train_minutes(sidecar: dict[str, Any]) -> float:
+    """Minutes of training steps, summed over the epochs (also across the invocations of a
+    resumed run); start-up, decoding and the per-epoch evaluation are not included."""
+    return sum(epoch["seconds"] for epoch in sidecar["epochs"]) / 60
+
+
 def group(report: dict[str, Any], method: str, patch_px: int) -> dict[str, Any] | None:
     return next((g for g in report["groups"]
                  if g["method"] == method and g["patch_px"] == patch_px), None)
@@ -46,7 +52,7 @@ def group(report: dict[str, Any], method: str, patch_px: int) -> dict[str, Any] 
 
 def main_table(work: Path, seconds: dict[str, int]) -> list[str]:
     lines = ["| defense | source | patch | clean % [95% CI] | certified % [95% CI] | "
-             "pruned % | masks run / image (of 36) | fine-tune | certify wall |",
+             "pruned % | masks run / image (of 36) | fine-tune (training steps) | certify wall |",
              "|---|---|---|---|---|---|---|---|---|"]
     for method in ("scalecert", "masking"):
         report = read_json(work / f"certify-{method}" / "report.json")
@@ -54,7 +60,7 @@ def main_table(work: Path, seconds: dict[str, int]) -> list[str]:
         if report is None or sidecar is None:
             lines.append(f"| {method} | measured | – | not run yet | | | | | |")
             continue
-        training = (f"{len(sidecar['epochs'])} epochs, {sidecar['wall_s'] / 60:.0f} min, "
+        training = (f"{len(sidecar['epochs'])} epochs, {train_minutes(sidecar):.0f} min, "
                     f"{sidecar['workers']} workers")
         wall = seconds.get(f"certify certify-{method}")
         for px, share in PATCHES:
@@ -81,7 +87,7 @@ def budget_row(work: Path, certify_dir: str, finetune_dir: str, label: str) -> s
         return None
     return (f"| {label} | {pct(g['clean_accuracy'])} | {pct(g['certified_accuracy'])} | "
             f"{100 * g['pruned_accuracy']['value']:.1f} | {g['masks']['evaluated_mean']:.1f} | "
-            f"{len(sidecar['epochs'])} epochs, {sidecar['wall_s'] / 60:.0f} min |")
+            f"{len(sidecar['epochs'])} epochs, {train_minutes(sidecar):.0f} min |")
 
 
 def budget_table(work: Path, rows: list[tuple[str, str, str]]) -> list[str]:
