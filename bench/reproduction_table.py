@@ -32,11 +32,16 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 
 def timings(work: Path) -> dict[str, int]:
+    """Wall seconds per step, summed over the script's invocations (a resumed step counts
+    every part; a rerun that finds the step done adds a few seconds)."""
     path = work / "timings.tsv"
-    if not path.exists():
-        return {}
-    rows = (line.split("\t") for line in path.read_text().splitlines() if "\t" in line)
-    return {name: int(seconds) for name, seconds in rows}  # the last entry of a step wins
+    totals: dict[str, int] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            name, _, seconds = line.partition("\t")
+            if seconds:
+                totals[name] = totals.get(name, 0) + int(seconds)
+    return totals
 
 
 def train_minutes(sidecar: dict[str, Any]) -> float:
