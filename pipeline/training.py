@@ -44,8 +44,9 @@ from pipeline.sources import Dataset, ImageRecord, open_dataset
 from pipeline.train_config import FinetuneRun
 from pipeline.worker import load_stored_model
 from scalecert import Certifier, __version__
-from scalecert.finetune import DefendedForward, augment, sample_windows
-from scalecert.masks import MaskFamily
+from scalecert.finetune import (
+    DefendedForward, augment, sample_windows, sgd_with_cosine_schedule, training_windows,
+)
 from scalecert.models.base import StagedClassifier
 from scalecert.models.registry import create_model, save_checkpoint
 
@@ -218,16 +219,13 @@ def train_worker(payload: dict[str, Any]) -> None:
         model.load_state_dict(state["model"])
     model.to(device, memory_format=torch.channels_last).train()
     trained = ray.train.torch.prepare_model(DefendedForward(model, cert))
-    optimizer = torch.optim.SGD(trained.parameters(), lr=settings.lr, momentum=settings.momentum,
-                                weight_decay=settings.weight_decay)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs * steps)
+    optimizer, schedule = sgd_with_cosine_schedule(trained.parameters(), settings, steps)
     history: list[dict[str, Any]] = []
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         history = json.loads(state["history"])
-    boxes = MaskFamily.build((job.image_side, job.image_side), cert.patch_px, cert.r,
-                             masks_per_axis=cert.masks_per_axis).boxes()
+    boxes = training_windows(cert, (job.image_side, job.image_side))
 
     for epoch in range(len(history) + 1, settings.epochs + 1):
         started = time.perf_counter()
@@ -480,23 +478,23 @@ def _fail_after_epoch() -> int | None:
 
 def _fit(trainer: Any, progress: Any, on_event: Callable[[tuple], None] | None) -> Any:
     """``trainer.fit()``, with the workers' progress forwarded while it runs."""
-    import ray.train
-
     if progress is None or on_event is None:
-        return _fit_or_explain(trainer, ray.train)
+        return _fit_or_explain(trainer)
     done = threading.Event()
     pump = threading.Thread(target=_pump, args=(progress, done, on_event), daemon=True)
     pump.start()
     try:
-        return _fit_or_explain(trainer, ray.train)
+        return _fit_or_explain(trainer)
     finally:
         done.set()
         pump.join(timeout=5)
 
 
-def _fit_or_explain(trainer: Any, train_module: Any) -> Any:
+def _fit_or_explain(trainer: Any) -> Any:
+    from ray.train import TrainingFailedError
+
     try:
         return trainer.fit()
-    except train_module.TrainingFailedError as exc:
+    except TrainingFailedError as exc:
         print(f"training failed: {exc}", file=sys.stderr)
         raise RuntimeError(f"training failed: {exc}") from None

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -152,6 +152,23 @@ def training_loss(
     return F.cross_entropy(logits, labels), logits
 
 
+def training_windows(cert: CertConfig, image_hw: tuple[int, int]) -> torch.Tensor:
+    """The windows training samples from: the certification mask family's boxes."""
+    return MaskFamily.build(image_hw, cert.patch_px, cert.r, mask_stride=cert.mask_stride,
+                            masks_per_axis=cert.masks_per_axis).boxes()
+
+
+def sgd_with_cosine_schedule(
+    parameters: Iterable[nn.Parameter], config: FinetuneConfig, steps_per_epoch: int
+) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.CosineAnnealingLR]:
+    """SGD with momentum and weight decay, its learning rate on a cosine over all steps."""
+    optimizer = torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=config.epochs * steps_per_epoch)
+    return optimizer, schedule
+
+
 def finetune(
     model: StagedClassifier,
     images: torch.Tensor,
@@ -175,15 +192,10 @@ def finetune(
     device = torch.device(device)
     model.to(device).train()
     model.split(cert.layer)  # refuse an unknown layer before any work
-    family = MaskFamily.build(tuple(images.shape[2:]), cert.patch_px, cert.r,
-                              mask_stride=cert.mask_stride, masks_per_axis=cert.masks_per_axis)
-    boxes = family.boxes()
+    boxes = training_windows(cert, tuple(images.shape[2:]))
     generator = torch.Generator().manual_seed(config.seed)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay)
-    steps_per_epoch = math.ceil(len(images) / config.batch_size)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=config.epochs * steps_per_epoch)
+    optimizer, schedule = sgd_with_cosine_schedule(
+        model.parameters(), config, steps_per_epoch=math.ceil(len(images) / config.batch_size))
     history = []
     for epoch in range(1, config.epochs + 1):
         permutation = torch.randperm(len(images), generator=generator)
