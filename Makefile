@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 PYTEST_ARGS ?=
-BENCH_ARGS ?= --images 1000 --scale-out 1 2 4
+BENCH_ARGS ?= --images 2000 --scale-out 1 2 4
 
 export RAY_USAGE_STATS_ENABLED := 0
 # Files tests keep for people to look at (the report screenshot): git-ignored.
@@ -29,6 +29,7 @@ demo: $(INSTALLED)
 
 bench: $(INSTALLED)
 	$(PY) bench/harness.py $(BENCH_ARGS)
+	$(PY) bench/scaling_model.py
 
 # Fine-tune and certify CIFAR-10 as in docs/REPRODUCTION.md (hours on a CPU; resumable).
 reproduce-cifar: $(INSTALLED)
