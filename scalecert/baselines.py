@@ -64,11 +64,24 @@ class OcclusionPredictor:
         priority = 1.0 + float(distance.max()) - distance  # >= 1, the centre highest
         return priority.cpu()[None].expand(len(batch), -1)
 
-    def logits(
+    @property
+    def g(self) -> torch.nn.Module:
+        return self.model
+
+    def g_inputs(
         self, batch: Images, image_index: torch.Tensor, boxes: torch.Tensor
     ) -> torch.Tensor:
+        """Each pair's image with the box's pixels set to ``occlusion_value``."""
         pixels = batch.pixels[image_index]
         masks = box_masks(boxes.to(pixels.device), pixels.shape[2:])
         value = torch.tensor(self.occlusion_value, dtype=pixels.dtype, device=pixels.device)
         occluded = torch.where(masks, value, pixels)
-        return self.model(occluded.contiguous(memory_format=torch.channels_last))
+        return occluded.contiguous(memory_format=torch.channels_last)
+
+    def unmasked_inputs(self, batch: Images) -> torch.Tensor:
+        return batch.pixels.contiguous(memory_format=torch.channels_last)
+
+    def logits(
+        self, batch: Images, image_index: torch.Tensor, boxes: torch.Tensor
+    ) -> torch.Tensor:
+        return self.model(self.g_inputs(batch, image_index, boxes))

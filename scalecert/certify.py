@@ -18,6 +18,7 @@ from scalecert.config import CertConfig
 from scalecert.masks import MaskFamily
 from scalecert.models.base import StagedClassifier
 from scalecert.occlusion import EMPTY_BOX, MaskedPredictor, PreparedBatch, SinPredictor
+from scalecert.precision import FastPath, GRunner, margins
 
 ALERT = -1
 NOT_EVALUATED = -2  # mask_predictions entry of a window left unrun (full_map=False, r = 1)
@@ -97,16 +98,6 @@ def detect_outcome(
     return base, None
 
 
-def _margins(logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-    """logit[label] - max other logit, or top-1 minus top-2 without labels."""
-    if labels is None:
-        top2 = logits.topk(2, dim=1).values
-        return top2[:, 0] - top2[:, 1]
-    own = logits.gather(1, labels[:, None])[:, 0]
-    others = logits.scatter(1, labels[:, None], float("-inf"))
-    return own - others.max(dim=1).values
-
-
 @dataclass(frozen=True)
 class _PairRuns:
     """What was run for one chunk: M(x) per image, then the evaluated (image, window) pairs."""
@@ -122,6 +113,7 @@ class _PairRuns:
 @dataclass(frozen=True)
 class _Evaluation:
     base: torch.Tensor  # N, M(x)
+    vanilla: torch.Tensor  # N, the undefended model's prediction (certify only; else M(x))
     mask_predictions: torch.Tensor  # N x n_masks
     n_evaluated: torch.Tensor  # N
     min_margin: torch.Tensor  # N
@@ -144,6 +136,11 @@ class Certifier:
     the skip lemma does not spare, for audits. Both methods, ``scalecert`` and ``masking``, take
     the same path. The model itself is moved to ``device``, converted to channels_last and put
     in eval mode.
+
+    ``fast`` chooses how g runs (:class:`~scalecert.precision.FastPath`): eager fp32 by
+    default; bf16 autocast and/or ``torch.compile`` with close calls re-run in eager fp32, so
+    that predictions and certified / not certified equal the fp32 path's. The stem always runs
+    in eager fp32. ``runner.pairs`` and ``runner.rechecked`` count g's rows and the re-runs.
     """
 
     def __init__(
@@ -154,6 +151,7 @@ class Certifier:
         batch_size: int = 256,
         image_chunk: int = 256,
         full_map: bool = True,
+        fast: FastPath = FastPath(),
     ) -> None:
         if batch_size < 1 or image_chunk < 1:
             raise ValueError("batch_size and image_chunk must be >= 1")
@@ -170,6 +168,8 @@ class Certifier:
         else:
             self.model.split(config.layer)  # refuse an unknown layer for every method
             self.predictor = OcclusionPredictor(self.model, config.occlusion_value)
+        self.fast = fast
+        self.runner = GRunner(self.predictor.g, fast, config.margin, self.device, batch_size)
 
     def mask_family(self, height: int, width: int | None = None) -> MaskFamily:
         cfg = self.config
@@ -208,14 +208,10 @@ class Certifier:
         self._check_images(images)
         labels = self._check_labels(labels, len(images))
         evaluation = self._evaluate(images, labels, prepared)
-        if self.config.method == "scalecert":
-            vanilla = self._vanilla(images)
-        else:
-            vanilla = evaluation.base
         n = len(images)
         return CertifyResult(
             prediction=evaluation.base,
-            vanilla_prediction=vanilla,
+            vanilla_prediction=evaluation.vanilla,
             certified=evaluation.min_margin >= self.config.margin,
             n_masks=torch.full((n,), evaluation.mask_predictions.shape[1], dtype=torch.int64),
             n_evaluated=evaluation.n_evaluated,
@@ -291,8 +287,12 @@ class Certifier:
         if located:
             index = torch.tensor(located)
             recovered[index], _ = self._run_pairs(batch, index, alert_box[index], None)
-        return _Evaluation(base, mask_predictions, n_evaluated, min_margin, output, alert_box,
-                           recovered)
+        # the undefended model (certify only): g on the unpruned stem features (scalecert); for
+        # masking, M(x) is the undefended model already
+        undefended = labels is not None and self.config.method == "scalecert"
+        vanilla = self._vanilla(batch) if undefended else base
+        return _Evaluation(base, vanilla, mask_predictions, n_evaluated, min_margin, output,
+                           alert_box, recovered)
 
     def _run_all(
         self, batch: PreparedBatch, labels: torch.Tensor | None, boxes: torch.Tensor,
@@ -355,24 +355,26 @@ class Certifier:
         labels: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Predictions and margins of F(x_i, box_i), ``batch_size`` pairs per run of g."""
-        predictions, margins = [], []
+        predictions, pair_margins = [], []
         for start in range(0, len(image_index), self.batch_size):
             index = image_index[start:start + self.batch_size]
-            logits = self.predictor.logits(
-                batch, index.to(self.device), boxes[start:start + self.batch_size]
-            ).float().cpu()
+            pair_labels = None if labels is None else labels[index]
+            inputs = self.predictor.g_inputs(
+                batch, index.to(self.device), boxes[start:start + self.batch_size])
+            logits = self.runner(inputs, pair_labels).cpu()
             predictions.append(logits.argmax(dim=1))
-            margins.append(_margins(logits, None if labels is None else labels[index]))
+            pair_margins.append(margins(logits, pair_labels))
         if not predictions:
             return torch.zeros(0, dtype=torch.int64), torch.zeros(0)
-        return torch.cat(predictions), torch.cat(margins)
+        return torch.cat(predictions), torch.cat(pair_margins)
 
-    def _vanilla(self, images: torch.Tensor) -> torch.Tensor:
-        outputs = [
-            self.model(images[start:start + self.batch_size].to(self.device)).argmax(dim=1).cpu()
-            for start in range(0, len(images), self.batch_size)
-        ]
-        return torch.cat(outputs)
+    def _vanilla(self, batch: PreparedBatch) -> torch.Tensor:
+        """The undefended model's predictions: g on the unmasked, unpruned inputs."""
+        inputs = self.predictor.unmasked_inputs(batch)
+        return torch.cat([
+            self.runner(inputs[start:start + self.batch_size]).argmax(dim=1).cpu()
+            for start in range(0, len(inputs), self.batch_size)
+        ])
 
     def _check_images(self, images: torch.Tensor) -> None:
         if not isinstance(images, torch.Tensor):

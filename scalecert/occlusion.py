@@ -10,6 +10,7 @@ baseline (in :mod:`scalecert.baselines`) implements the same one with pixel occl
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -43,10 +44,25 @@ class MaskedPredictor(Protocol):
         prediction (no run needed); otherwise higher means more likely to change it."""
         ...
 
+    @property
+    def g(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The network every pair runs through (scalecert's head, masking's whole model)."""
+        ...
+
+    def g_inputs(
+        self, batch: PreparedBatch, image_index: torch.Tensor, boxes: torch.Tensor
+    ) -> torch.Tensor:
+        """g's input for each pair (image_index_i, box_i); an empty box means no mask."""
+        ...
+
+    def unmasked_inputs(self, batch: PreparedBatch) -> torch.Tensor:
+        """g's input for each image without mask or pruning: g of it is the undefended model."""
+        ...
+
     def logits(
         self, batch: PreparedBatch, image_index: torch.Tensor, boxes: torch.Tensor
     ) -> torch.Tensor:
-        """Logits of F(x_i, box_i) for each pair; an empty box means no mask."""
+        """Logits of F(x_i, box_i) for each pair, ``g(g_inputs(...))``."""
         ...
 
 
@@ -118,12 +134,26 @@ class SinPredictor:
         feet = self.footprints(batch.features.shape[2:], boxes).to(batch.keep.device)
         return (batch.keep.to(torch.float32) @ feet.to(torch.float32).T).cpu()
 
-    def logits(
+    @property
+    def g(self) -> torch.nn.Module:
+        return self.head
+
+    def g_inputs(
         self, batch: StemFeatures, image_index: torch.Tensor, boxes: torch.Tensor
     ) -> torch.Tensor:
+        """A * 1[keep_m] per pair: the SIN selection without the window's footprint."""
         feature_hw = batch.features.shape[2:]
         excluded = self.footprints(feature_hw, boxes).to(batch.order.device)
         k = keep_count(self.top_k, feature_hw)
         keep = keep_positions(batch.order[image_index], excluded, k)
         pruned = prune(batch.features[image_index], keep)
-        return self.head(pruned.contiguous(memory_format=torch.channels_last))
+        return pruned.contiguous(memory_format=torch.channels_last)
+
+    def unmasked_inputs(self, batch: StemFeatures) -> torch.Tensor:
+        """The stem features unpruned: ``head`` of them is the whole model's output."""
+        return batch.features.contiguous(memory_format=torch.channels_last)
+
+    def logits(
+        self, batch: StemFeatures, image_index: torch.Tensor, boxes: torch.Tensor
+    ) -> torch.Tensor:
+        return self.head(self.g_inputs(batch, image_index, boxes))
