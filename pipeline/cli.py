@@ -54,6 +54,11 @@ def models_command() -> None:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Worker device (auto).")
 @click.option("--shard-size", type=int, help="Images per shard and Parquet file (256).")
 @click.option("--batch-size", type=int, help="(image, mask) pairs per forward pass of g (256).")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]),
+              help="How g runs: bf16 autocast re-checks close calls in fp32, so outcomes equal "
+                   "fp32's (auto: bf16 on cuda, fp32 on cpu).")
+@click.option("--compile/--no-compile", default=None,
+              help="torch.compile g, falling back to eager if it fails (default: on for cuda).")
 @click.option("--limit", type=int, help="Certify only the first N images (sorted keys).")
 @click.option("--resume/--no-resume", default=None,
               help="Skip shards already written with the same fingerprint (default: resume).")

@@ -1,8 +1,9 @@
 """The run configuration: every option of ``scalecert certify``, validated before any work.
 
 A ``RunConfig`` comes from command-line flags over an optional YAML file. ``fingerprint_fields``
-are the options that change results; workers, addresses and batch sizes do not, so a run can
-be resumed with another cluster shape.
+are the options that change results; workers, addresses, batch sizes, precision and compilation
+do not (the fast path re-checks close calls in fp32, see :mod:`scalecert.precision`), so a run
+can be resumed with another cluster shape.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from scalecert import CertConfig, available_models
 from scalecert.config import METHODS
+from scalecert.precision import FastPath
 
 _PATCH = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(%|px)?\s*$")
 
@@ -80,6 +83,8 @@ class RunConfig:
     gpus_per_worker: float | None = None
     device: str = "auto"
     batch_size: int = 256
+    precision: str = "auto"  # auto: bf16 on cuda, fp32 on cpu
+    compile: bool | str = "auto"  # auto: on for cuda
     s3_endpoint: str | None = None
 
     def __post_init__(self) -> None:
@@ -112,6 +117,10 @@ class RunConfig:
                 "gpus-per-worker", "a number >= 0",
             )
         require(self.device in ("auto", "cpu", "cuda"), "device", "auto, cpu or cuda")
+        require(self.precision in ("auto", "fp32", "bf16"), "precision",
+                f"auto, fp32 or bf16, got {self.precision!r}")
+        require(isinstance(self.compile, bool) or self.compile == "auto", "compile",
+                f"true, false or auto, got {self.compile!r}")
         # the certification settings are validated by CertConfig itself (names its fields)
         for method in self.methods:
             self.cert_config(1, method)
@@ -126,6 +135,14 @@ class RunConfig:
         except ValueError as exc:  # "top_k: ..." -> "--top-k: ...", the flag the user knows
             name, _, rest = str(exc).partition(":")
             raise ValueError(f"--{name.replace('_', '-')}:{rest}") from None
+
+    def fast_path(self, device: str) -> FastPath:
+        """How workers on ``device`` run g: ``auto`` means bf16 and compiled on CUDA, eager fp32
+        elsewhere. Certificates' outcomes do not depend on it (close calls re-run in fp32)."""
+        on_cuda = torch.device(device).type == "cuda"
+        precision = ("bf16" if on_cuda else "fp32") if self.precision == "auto" else self.precision
+        compile_g = on_cuda if self.compile == "auto" else bool(self.compile)
+        return FastPath(precision=precision, compile=compile_g)
 
     def patch_pixels(self, side: int) -> tuple[int, ...]:
         return tuple(PatchSize.parse(p).pixels(side) for p in self.patches)
