@@ -18,7 +18,8 @@ from scalecert.config import CertConfig
 from scalecert.masks import MaskFamily
 from scalecert.models.base import StagedClassifier
 from scalecert.occlusion import EMPTY_BOX, MaskedPredictor, PreparedBatch, SinPredictor
-from scalecert.precision import FastPath, GRunner, margins
+from scalecert.precision import FastPath, GRunner
+from scalecert.precision import margins as logit_margins  # not `margins`: a local name below
 
 ALERT = -1
 NOT_EVALUATED = -2  # mask_predictions entry of a window left unrun (full_map=False, r = 1)
@@ -363,7 +364,7 @@ class Certifier:
                 batch, index.to(self.device), boxes[start:start + self.batch_size])
             logits = self.runner(inputs, pair_labels).cpu()
             predictions.append(logits.argmax(dim=1))
-            pair_margins.append(margins(logits, pair_labels))
+            pair_margins.append(logit_margins(logits, pair_labels))
         if not predictions:
             return torch.zeros(0, dtype=torch.int64), torch.zeros(0)
         return torch.cat(predictions), torch.cat(pair_margins)
