@@ -5,7 +5,7 @@ CIFAR ResNet-20, 5 px patches (2.4%), 6 x 6 masks, SIN top-k 0.15, on the first 
 CIFAR-10 test JPEGs of each class (a class-folder subset on disk). Each method certifies the
 model fine-tuned for it (``models/cifar10-resnet20-<method>-2.4.pt``, see ``models/README.md``):
 how much work avoidance saves depends on how many images certify, so an undefended model would
-misstate it.
+misstate it. g runs as the pipeline runs it on a CPU, BatchNorm folded (``--no-fuse-bn``: not).
 
   limit      images/s of g alone at ``--batch-size``: scalecert's head on pruned stem outputs,
              masking's whole model on occluded images
@@ -67,6 +67,7 @@ from pipeline.driver import cpu_threads, init_ray, run_certification  # noqa: E4
 from pipeline.worker import ShardSummary  # noqa: E402
 from scalecert import CertConfig, Certifier, CertifyResult, load_model  # noqa: E402
 from scalecert.certify import NOT_EVALUATED  # noqa: E402
+from scalecert.precision import FastPath  # noqa: E402
 from scalecert.baselines import box_masks  # noqa: E402
 from scalecert.models.base import StagedClassifier  # noqa: E402
 from scalecert.occlusion import SinPredictor  # noqa: E402
@@ -87,12 +88,18 @@ class Setup:
     batch_size: int
     threads: int
     cores: int
+    fuse_bn: bool
     checkpoints: dict[str, str]  # method -> weights
     commit: str
 
     def cert_config(self, method: str) -> CertConfig:
         return CertConfig(patch_px=self.patch_px, top_k=self.top_k,
                           masks_per_axis=self.masks_per_axis, method=method)
+
+    def certifier(self, model: StagedClassifier, method: str, full_map: bool = True) -> Certifier:
+        """The library certifier, with g run as the pipeline runs it on a CPU."""
+        return Certifier(model, self.cert_config(method), batch_size=self.batch_size,
+                         full_map=full_map, fast=FastPath(fuse_bn=self.fuse_bn))
 
 
 @dataclass(frozen=True)
@@ -116,10 +123,10 @@ def commit_id() -> str:
 
 
 def g_module(certifier: Certifier) -> torch.nn.Module:
-    """The network g whose runs certification counts: scalecert's head after the superficial
-    layer, or the whole model for masking (which occludes pixels)."""
-    predictor = certifier.predictor
-    return predictor.head if isinstance(predictor, SinPredictor) else certifier.model
+    """The network g whose runs certification counts, as the certifier runs it (BatchNorm
+    folded unless ``--no-fuse-bn``): scalecert's head after the superficial layer, or the whole
+    model for masking (which occludes pixels)."""
+    return certifier.runner.g_fast
 
 
 def g_limit(
@@ -183,8 +190,7 @@ def certify_timed(
     model: StagedClassifier, setup: Setup, method: str, full_map: bool,
     images: torch.Tensor, labels: torch.Tensor,
 ) -> tuple[CertifyResult, Throughput]:
-    certifier = Certifier(model, setup.cert_config(method), batch_size=setup.batch_size,
-                          full_map=full_map)
+    certifier = setup.certifier(model, method, full_map)
     certifier.certify(images[:32], labels[:32])  # warm-up
     with TimeInside(g_module(certifier)) as in_g:
         start = time.perf_counter()
@@ -234,7 +240,7 @@ def run_pipeline(
         data=str(data), model="cifar_resnet20", out=str(out), patches=(str(setup.patch_px),),
         checkpoint=setup.checkpoints["scalecert"], methods=("scalecert",), top_k=setup.top_k,
         masks_per_axis=setup.masks_per_axis, shard_size=shard_size, resume=False,
-        workers=workers, device="cpu", batch_size=setup.batch_size,
+        workers=workers, device="cpu", batch_size=setup.batch_size, fuse_bn=setup.fuse_bn,
     )
     shards: list[ShardSummary] = []
     summary = run_certification(run, progress=shards.append)
@@ -295,6 +301,9 @@ def main() -> None:
                         help="class-folder image set (default: the shared CIFAR-10 test JPEGs)")
     parser.add_argument("--shard-size", type=int, default=256, help="images per pipeline shard")
     parser.add_argument("--no-pipeline", action="store_true", help="library figures only")
+    parser.add_argument("--no-fuse-bn", action="store_true",
+                        help="run g with its BatchNorms (the pipeline's --no-fuse-bn); by "
+                             "default g runs folded, as the pipeline runs it")
     parser.add_argument("--scale-out", type=int, nargs="*", default=[], metavar="WORKERS",
                         help="also run the pipeline with these worker counts (e.g. 1 2 4)")
     parser.add_argument("--scale-shard-size", type=int,
@@ -311,6 +320,7 @@ def main() -> None:
     images, labels = load_image_folder(data)
     setup = Setup(images=len(images), patch_px=5, top_k=0.15, masks_per_axis=6,
                   batch_size=args.batch_size, threads=args.threads, cores=os.cpu_count() or 1,
+                  fuse_bn=not args.no_fuse_bn,
                   checkpoints={method: str(getattr(args, f"{method}_checkpoint").resolve())
                                for method in METHODS},
                   commit=commit_id())
@@ -326,7 +336,7 @@ def main() -> None:
     library_rows = []
     for method in METHODS:
         model = load_model("cifar_resnet20", checkpoint=setup.checkpoints[method])
-        certifier = Certifier(model, setup.cert_config(method), batch_size=setup.batch_size)
+        certifier = setup.certifier(model, method)
         curve = {size: g_limit(certifier, images, size, repeats=max(4, 4096 // size))
                  for size in sorted({setup.batch_size, *args.limit_batches})}
         limit = curve[setup.batch_size]

@@ -59,6 +59,9 @@ def models_command() -> None:
                    "fp32's (auto: bf16 on cuda, fp32 on cpu).")
 @click.option("--compile/--no-compile", default=None,
               help="torch.compile g, falling back to eager if it fails (default: on for cuda).")
+@click.option("--fuse-bn/--no-fuse-bn", default=None,
+              help="Fold g's BatchNorms into its convolutions, close calls re-checked in eager "
+                   "fp32 (default: on).")
 @click.option("--limit", type=int, help="Certify only the first N images (sorted keys).")
 @click.option("--resume/--no-resume", default=None,
               help="Skip shards already written with the same fingerprint (default: resume).")

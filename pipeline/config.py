@@ -85,6 +85,7 @@ class RunConfig:
     batch_size: int = 256
     precision: str = "auto"  # auto: bf16 on cuda, fp32 on cpu
     compile: bool | str = "auto"  # auto: on for cuda
+    fuse_bn: bool | str = "auto"  # auto: on (fold g's BatchNorms into its convolutions)
     s3_endpoint: str | None = None
 
     def __post_init__(self) -> None:
@@ -121,6 +122,8 @@ class RunConfig:
                 f"auto, fp32 or bf16, got {self.precision!r}")
         require(isinstance(self.compile, bool) or self.compile == "auto", "compile",
                 f"true, false or auto, got {self.compile!r}")
+        require(isinstance(self.fuse_bn, bool) or self.fuse_bn == "auto", "fuse-bn",
+                f"true, false or auto, got {self.fuse_bn!r}")
         # the certification settings are validated by CertConfig itself (names its fields)
         for method in self.methods:
             self.cert_config(1, method)
@@ -137,12 +140,14 @@ class RunConfig:
             raise ValueError(f"--{name.replace('_', '-')}:{rest}") from None
 
     def fast_path(self, device: str) -> FastPath:
-        """How workers on ``device`` run g: ``auto`` means bf16 and compiled on CUDA, eager fp32
-        elsewhere. Certificates' outcomes do not depend on it (close calls re-run in fp32)."""
+        """How workers on ``device`` run g: ``auto`` means bf16 and compiled on CUDA, fp32
+        elsewhere, with BatchNorm folded everywhere. Certificates' outcomes do not depend on it
+        (close calls re-run in eager fp32)."""
         on_cuda = torch.device(device).type == "cuda"
         precision = ("bf16" if on_cuda else "fp32") if self.precision == "auto" else self.precision
         compile_g = on_cuda if self.compile == "auto" else bool(self.compile)
-        return FastPath(precision=precision, compile=compile_g)
+        fuse_bn = True if self.fuse_bn == "auto" else bool(self.fuse_bn)
+        return FastPath(precision=precision, compile=compile_g, fuse_bn=fuse_bn)
 
     def patch_pixels(self, side: int) -> tuple[int, ...]:
         return tuple(PatchSize.parse(p).pixels(side) for p in self.patches)

@@ -20,7 +20,7 @@ from pipeline.config import RunConfig
 from pipeline.data import load_image_folder
 from pipeline.worker import ShardWorker, WorkerSettings
 from scalecert import CertConfig, Certifier, load_model
-from scalecert.precision import DEFAULT_TOLERANCE, FastPath, GRunner
+from scalecert.precision import DEFAULT_TOLERANCE, FP32_TOLERANCE, FastPath, GRunner
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 OUTCOMES = ("prediction", "vanilla_prediction", "certified", "clean_output", "alert_box",
@@ -185,11 +185,55 @@ def test_compiled_bf16_on_cpu_takes_the_fp32_decisions(cifar_images) -> None:
     assert certifier.runner.rechecked > 0
 
 
+# -- folded BatchNorm -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["scalecert", "masking"])
+def test_folded_batchnorm_takes_the_fp32_decisions_on_cifar10(cifar_images, method) -> None:
+    images, labels = cifar_images
+    model = committed_model(method)
+    config = CertConfig(patch_px=5, top_k=0.15, masks_per_axis=6, method=method)
+    reference = Certifier(model, config, full_map=False).certify(images, labels)
+    folded = Certifier(model, config, full_map=False, fast=FastPath(fuse_bn=True))
+    result = folded.certify(images, labels)
+
+    assert_same_outcomes(reference, result)
+    g = folded.runner.g_fast
+    assert g is not folded.runner.g
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in g.modules())  # every BN was folded
+    assert any(isinstance(m, nn.BatchNorm2d) for m in folded.runner.g.modules())  # a copy
+    assert folded.runner.max_recheck_error < FP32_TOLERANCE
+    assert not torch.equal(result.min_margin, reference.min_margin)  # g really changed
+
+
+def test_untraceable_g_runs_unfolded_with_a_warning() -> None:
+    class Untraceable(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+                x = -x
+            return self.bn(self.conv(x)).flatten(1)
+
+    g = Untraceable().eval()
+    with pytest.warns(RuntimeWarning, match="fuse_bn: cannot trace g"):
+        runner = GRunner(g, FastPath(fuse_bn=True), margin=0.0, device="cpu", batch_size=4)
+    assert runner.g_fast is g
+
+
+def test_default_tolerance_follows_the_precision() -> None:
+    assert FastPath("bf16").tolerance == DEFAULT_TOLERANCE
+    assert FastPath("fp32", fuse_bn=True).tolerance == FP32_TOLERANCE
+    assert FastPath("bf16", tolerance=0.5).tolerance == 0.5
+
+
 # -- options ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("change", "field"), [
     ({"precision": "fp16"}, "precision"),
     ({"compile": "yes"}, "compile"),
+    ({"fuse_bn": "yes"}, "fuse_bn"),
     ({"tolerance": -0.1}, "tolerance"),
     ({"tolerance": float("nan")}, "tolerance"),
 ])
@@ -203,6 +247,7 @@ def test_fast_path_refuses_bad_values(change, field) -> None:
     ({"precision": None}, "--precision"),
     ({"compile": "yes"}, "--compile"),
     ({"compile": 1}, "--compile"),
+    ({"fuse_bn": "on"}, "--fuse-bn"),
 ])
 def test_run_config_refuses_bad_fast_path_options(change, flag) -> None:
     with pytest.raises(ValueError, match=flag):
@@ -210,19 +255,19 @@ def test_run_config_refuses_bad_fast_path_options(change, flag) -> None:
 
 
 @pytest.mark.parametrize(("options", "device", "expected"), [
-    ({}, "cpu", FastPath("fp32", compile=False)),
-    ({}, "cuda", FastPath("bf16", compile=True)),
-    ({}, "cuda:1", FastPath("bf16", compile=True)),
-    ({"precision": "bf16"}, "cpu", FastPath("bf16", compile=False)),
-    ({"precision": "fp32", "compile": False}, "cuda", FastPath("fp32", compile=False)),
-    ({"compile": True}, "cpu", FastPath("fp32", compile=True)),
+    ({}, "cpu", FastPath("fp32", compile=False, fuse_bn=True)),
+    ({}, "cuda", FastPath("bf16", compile=True, fuse_bn=True)),
+    ({}, "cuda:1", FastPath("bf16", compile=True, fuse_bn=True)),
+    ({"precision": "bf16"}, "cpu", FastPath("bf16", compile=False, fuse_bn=True)),
+    ({"precision": "fp32", "compile": False, "fuse_bn": False}, "cuda", FastPath("fp32")),
+    ({"compile": True, "fuse_bn": False}, "cpu", FastPath("fp32", compile=True)),
 ])
 def test_auto_resolves_per_device(options, device, expected) -> None:
     assert RunConfig(**{**BASE, **options}).fast_path(device) == expected
 
 
 def test_fast_path_options_leave_the_fingerprint_alone() -> None:
-    fast = RunConfig(**BASE, precision="bf16", compile=True)
+    fast = RunConfig(**BASE, precision="bf16", compile=True, fuse_bn=False)
     assert fast.fingerprint_fields() == RunConfig(**BASE).fingerprint_fields()
 
 
@@ -231,9 +276,10 @@ def test_cli_flags_reach_the_run_config(monkeypatch, tmp_path) -> None:
     monkeypatch.setattr(cli, "_run_and_report", lambda run, quiet: runs.append(run))
     args = ["certify", "--data", str(tmp_path), "--model", "cifar_resnet20", "--patch", "5",
             "--out", str(tmp_path / "out")]
-    for extra in (["--precision", "bf16", "--no-compile"], []):
+    for extra in (["--precision", "bf16", "--no-compile", "--no-fuse-bn"], []):
         assert CliRunner().invoke(cli.main, [*args, *extra]).exit_code == 0
-    assert [(run.precision, run.compile) for run in runs] == [("bf16", False), ("auto", "auto")]
+    assert [(run.precision, run.compile, run.fuse_bn) for run in runs] == [
+        ("bf16", False, False), ("auto", "auto", "auto")]
 
     bad = CliRunner().invoke(cli.main, [*args, "--precision", "fp16"])
     assert bad.exit_code == 2 and "--precision" in bad.output
@@ -249,6 +295,7 @@ def test_worker_certifies_with_the_resolved_fast_path(tmp_path) -> None:
                     checkpoint=str(MODELS / "cifar10-resnet20-scalecert-2.4.pt"))
     worker = ShardWorker(WorkerSettings(run=run, run_id="test", metadata={}, patch_pixels=(5,),
                                         image_side=32))
-    assert [certifier.fast for _, _, certifier in worker.certifiers] == [FastPath("bf16")] * 2
+    assert [certifier.fast for _, _, certifier in worker.certifiers] == [
+        FastPath("bf16", fuse_bn=True)] * 2
     images = torch.rand(2, 3, 32, 32)
     assert worker._to_device(images) is images  # CPU: no pinning, no copy
