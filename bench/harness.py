@@ -36,7 +36,7 @@ Ratios:
   parallel efficiency   speed-up over 1 worker / the share of the machine's cores used, relative
                         to 1 worker (CPU workers share the cores: ideal is the same throughput)
 
-    python bench/harness.py [--images 1000] [--batch-size 256] [--threads N] [--json PATH]
+    python bench/harness.py [--images 2000] [--batch-size 64] [--threads N] [--json PATH]
                             [--scale-out 1 2 4] [--no-pipeline] [--limit-batches 32 64 ...]
 
 Writes every figure as JSON (default ``bench/results/harness-<commit>.json``, git-ignored).
@@ -285,9 +285,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=1000, help="test images (multiple of 10)")
-    parser.add_argument("--batch-size", type=int, default=256,
-                        help="(image, mask) pairs per run of g")
-    parser.add_argument("--limit-batches", type=int, nargs="*", default=[32, 64, 128, 512],
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="(image, mask) pairs per run of g (default: the pipeline's on a CPU)")
+    parser.add_argument("--limit-batches", type=int, nargs="*", default=[32, 128, 256, 512],
                         metavar="N", help="also time g alone at these batch sizes (the curve; "
                         "on a CPU small batches can beat large ones, caches)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,

@@ -53,7 +53,8 @@ def models_command() -> None:
 @click.option("--gpus-per-worker", type=float, help="GPUs per worker (default 1 when GPUs exist).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Worker device (auto).")
 @click.option("--shard-size", type=int, help="Images per shard and Parquet file (256).")
-@click.option("--batch-size", type=int, help="(image, mask) pairs per forward pass of g (256).")
+@click.option("--batch-size", type=int,
+              help="(image, mask) pairs per forward pass of g (64 on a CPU, 256 on CUDA).")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]),
               help="How g runs: bf16 autocast re-checks close calls in fp32, so outcomes equal "
                    "fp32's (auto: bf16 on cuda, fp32 on cpu).")

@@ -82,7 +82,7 @@ class RunConfig:
     workers: int | None = None
     gpus_per_worker: float | None = None
     device: str = "auto"
-    batch_size: int = 256
+    batch_size: int | None = None  # None: 64 on a CPU, 256 on CUDA (see g_batch_size)
     precision: str = "auto"  # auto: bf16 on cuda, fp32 on cpu
     compile: bool | str = "auto"  # auto: on for cuda
     fuse_bn: bool | str = "auto"  # auto: on (fold g's BatchNorms into its convolutions)
@@ -106,7 +106,8 @@ class RunConfig:
         require(len(set(methods)) == len(methods), "method", "distinct methods")
         object.__setattr__(self, "methods", methods)
         positive_int(self.shard_size, "shard-size")
-        positive_int(self.batch_size, "batch-size")
+        if self.batch_size is not None:
+            positive_int(self.batch_size, "batch-size")
         positive_int(self.masks_per_axis, "masks-per-axis")
         if self.limit is not None:
             positive_int(self.limit, "limit")
@@ -138,6 +139,14 @@ class RunConfig:
         except ValueError as exc:  # "top_k: ..." -> "--top-k: ...", the flag the user knows
             name, _, rest = str(exc).partition(":")
             raise ValueError(f"--{name.replace('_', '-')}:{rest}") from None
+
+    def g_batch_size(self, device: str) -> int:
+        """(image, mask) pairs per run of g on ``device``: ``batch_size``, or by default 256 on
+        CUDA and 64 on a CPU, where g's activations then stay in cache (ResNet-20 g alone:
+        3,600 images/s at 64 against 2,500 at 256 on the 2-core machine)."""
+        if self.batch_size is not None:
+            return self.batch_size
+        return 256 if torch.device(device).type == "cuda" else 64
 
     def fast_path(self, device: str) -> FastPath:
         """How workers on ``device`` run g: ``auto`` means bf16 and compiled on CUDA, fp32

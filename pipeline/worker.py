@@ -98,7 +98,8 @@ class ShardWorker:
         self.preprocess = Preprocess.for_input_size(settings.image_side)
         self.certifiers = [
             (patch_px, method, Certifier(self.model, run.cert_config(patch_px, method),
-                                         device=settings.device, batch_size=run.batch_size,
+                                         device=settings.device,
+                                         batch_size=run.g_batch_size(settings.device),
                                          full_map=run.full_map,
                                          fast=run.fast_path(settings.device)))
             for patch_px in settings.patch_pixels
