@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 PYTEST_ARGS ?=
-BENCH_ARGS ?= --images 2000 --scale-out 1 2 4
+BENCH_ARGS ?= --images 2000 --pipeline-images 10000 --scale-out 1 2 4
 
 export RAY_USAGE_STATS_ENABLED := 0
 # Files tests keep for people to look at (the report screenshot): git-ignored.
