@@ -277,14 +277,18 @@ class Certifier:
 
         output = base.clone()
         alert_box = torch.tensor([NO_BOX]).repeat(n_images, 1)
+        recovered = torch.full((n_images,), ALERT, dtype=torch.int64)
         located: list[int] = []
         for i in range(n_images):
             output[i], block = detect_outcome(int(base[i]), mask_predictions[i], family,
                                               priority[i])
-            if block is not None:
-                alert_box[i] = torch.tensor(family.block_box(*block))
+            if block is None:
+                continue
+            alert_box[i] = torch.tensor(family.block_box(*block))
+            if family.r == 1:  # the block is one window, whose prediction is already known
+                recovered[i] = mask_predictions[i, block[0] * family.grid_shape[1] + block[1]]
+            else:
                 located.append(i)
-        recovered = torch.full((n_images,), ALERT, dtype=torch.int64)
         if located:
             index = torch.tensor(located)
             recovered[index], _ = self._run_pairs(batch, index, alert_box[index], None)
