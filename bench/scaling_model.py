@@ -20,8 +20,8 @@ What is an input (no ImageNet weights, no GPU here; change it when one is measur
   ``--cores-per-gpu``    decode cores per GPU (the lent H200 machine: 16)
 
 Wall time:  T = T_fixed + max(decode, certify) on the busiest GPU, with
-  certify = ceil(shards / GPUs) x shard size x (stem + sum over patches of g runs per
-            image) / g throughput (whole shards: the GPU that gets one more shard sets the end)
+  certify = ceil(shards / GPUs) x shard size x (stem + M(x) + vanilla + sum over patches of
+            masks run per image) / g throughput (whole shards: the GPU that gets one more shard sets the end)
   decode  = the same images x decode seconds / cores per GPU   (overlapped with certification)
   T_fixed = Ray start + actor start (``--actor-start-s``) + reading every shard back (measured
             here on local disk, serial in the driver)
@@ -109,9 +109,9 @@ def readback_seconds_per_shard(shard_size: int, rows_per_image: int, shards: int
 
 
 def runs_per_image(certified: float, needed: float, settle: float) -> float:
-    """g runs of one image for one patch size: the vanilla forward and M(x) (each certifier
-    runs both), every needed mask if certified, else the masks until the first disagreement."""
-    return 2 + certified * needed + (1 - certified) * settle
+    """Masks run for one image and one patch size: every needed mask if certified, else the
+    masks until the first disagreement."""
+    return certified * needed + (1 - certified) * settle
 
 
 def main() -> None:
@@ -149,14 +149,15 @@ def main() -> None:
     shards = math.ceil(IMAGES / args.shard_size)
 
     runs = [runs_per_image(c, 36 * needed_share, settle) for c in args.certified]
-    per_image = stem + sum(runs)  # the stem once per image, shared by the patch sizes
+    # the stem, M(x) and the vanilla forward once per image, shared by the patch sizes
+    per_image = stem + 2 + sum(runs)
     print(f"harness {harness_path.name}: needed masks {36 * needed_share:.1f} of 36, "
           f"masks to settle {settle:.2f} per image and patch")
     print(f"measured here: decode {decode_s * 1000:.1f} ms per ImageNet image per core, "
           f"ResNet-50 stem / g cost {stem:.3f}, read-back {readback_s * 1000:.1f} ms per shard "
           f"of {args.shard_size} images")
-    print(f"g runs per image: {' + '.join(f'{r:.1f}' for r in runs)} (patches 1/2/3%) "
-          f"(each with the vanilla forward and M(x)) + {stem:.2f} (the stem) = {per_image:.1f}")
+    print(f"g runs per image: {' + '.join(f'{r:.1f}' for r in runs)} (masks, patches 1/2/3%) "
+          f"+ 2 (M(x), vanilla forward) + {stem:.2f} (the stem) = {per_image:.1f}")
     fixed = ray_start + args.actor_start_s + shards * readback_s
     print(f"fixed: Ray start {ray_start:.1f} s + actor start {args.actor_start_s:.1f} s + "
           f"read-back of {shards} shards {shards * readback_s:.1f} s = {fixed:.1f} s")
@@ -169,7 +170,7 @@ def main() -> None:
             certify = busiest * per_image / g_rate
             decode_time = busiest * decode_s / args.cores_per_gpu
             wall = fixed + max(certify, decode_time)
-            one_patch = fixed + max(busiest * (stem + runs[1]) / g_rate, decode_time)
+            one_patch = fixed + max(busiest * (stem + 2 + runs[1]) / g_rate, decode_time)
             print(f"  {gpus:4d}  {math.ceil(shards / gpus):10d}  {busiest:10,d}  {certify:9.0f}  "
                   f"{decode_time:8.0f}  {fixed:7.1f}  {wall:6.0f}  {IMAGES / wall:8.0f}  "
                   f"{one_patch:9.0f}")

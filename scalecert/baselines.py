@@ -9,7 +9,7 @@ of a centred object, and stop at the first disagreement, as for ScaleCert.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -21,12 +21,14 @@ class Images:
     """The prepared state of the baseline is the images themselves."""
 
     pixels: torch.Tensor  # B x 3 x H x W in [0, 1]
+    memo: dict = field(default_factory=dict, compare=False, repr=False)  # see PreparedBatch
 
     def __len__(self) -> int:
         return self.pixels.shape[0]
 
     def select(self, rows: slice) -> "Images":
-        return Images(self.pixels[rows])
+        return Images(self.pixels[rows],
+                      memo=self.memo.setdefault(("rows", rows.start, rows.stop), {}))
 
 
 def box_masks(boxes: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:

@@ -303,14 +303,29 @@ class Certifier:
         self, batch: PreparedBatch, labels: torch.Tensor | None, boxes: torch.Tensor,
         priority: torch.Tensor,
     ) -> _PairRuns:
-        """M(x) and every window the skip lemma does not spare, in one stream of batches."""
-        n_images = len(batch)
+        """M(x) and every window the skip lemma does not spare."""
+        base, base_margin = self._unmasked_runs(batch, labels)
         image_of, mask_of = (priority > 0).nonzero(as_tuple=True)
-        image_index = torch.cat([torch.arange(n_images), image_of])
-        pair_boxes = torch.cat([torch.tensor([EMPTY_BOX]).expand(n_images, 4), boxes[mask_of]])
-        predictions, margins = self._run_pairs(batch, image_index, pair_boxes, labels)
-        return _PairRuns(predictions[:n_images], margins[:n_images], image_of, mask_of,
-                         predictions[n_images:], margins[n_images:])
+        predictions, margins = self._run_pairs(batch, image_of, boxes[mask_of], labels)
+        return _PairRuns(base, base_margin, image_of, mask_of, predictions, margins)
+
+    def _memo_key(self, kind: str, labels: torch.Tensor | None) -> tuple:
+        """What a memoised result of the prepared batch depends on besides its images."""
+        return (kind, self.fast, self.config.margin,
+                None if labels is None else labels.numpy().tobytes())
+
+    def _unmasked_runs(
+        self, batch: PreparedBatch, labels: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """M(x) and its margins: computed once per prepared batch, shared by the certifiers
+        that share it (patch sizes do not change M(x))."""
+        key = self._memo_key("M(x)", labels)
+        if key not in batch.memo:
+            n_images = len(batch)
+            batch.memo[key] = self._run_pairs(
+                batch, torch.arange(n_images), torch.tensor([EMPTY_BOX]).expand(n_images, 4),
+                labels)
+        return batch.memo[key]
 
     def _run_until_settled(
         self, batch: PreparedBatch, labels: torch.Tensor | None, boxes: torch.Tensor,
@@ -320,8 +335,7 @@ class Certifier:
         disagrees with M(x). That settles both outcomes (not certified; detection alerts), so
         its remaining windows are left unevaluated. Images share g's batches round by round."""
         n_images = len(batch)
-        base, base_margin = self._run_pairs(
-            batch, torch.arange(n_images), torch.tensor([EMPTY_BOX]).expand(n_images, 4), labels)
+        base, base_margin = self._unmasked_runs(batch, labels)
         # per image: needed windows, highest priority first (ties: family order)
         queues = [[int(m) for m in evaluation_order(row) if row[m] > 0] for row in priority]
         done = [0] * n_images
@@ -374,12 +388,16 @@ class Certifier:
         return torch.cat(predictions), torch.cat(pair_margins)
 
     def _vanilla(self, batch: PreparedBatch) -> torch.Tensor:
-        """The undefended model's predictions: g on the unmasked, unpruned inputs."""
-        inputs = self.predictor.unmasked_inputs(batch)
-        return torch.cat([
-            self.runner(inputs[start:start + self.batch_size]).argmax(dim=1).cpu()
-            for start in range(0, len(inputs), self.batch_size)
-        ])
+        """The undefended model's predictions: g on the unmasked, unpruned inputs (once per
+        prepared batch, like M(x))."""
+        key = self._memo_key("vanilla", None)
+        if key not in batch.memo:
+            inputs = self.predictor.unmasked_inputs(batch)
+            batch.memo[key] = torch.cat([
+                self.runner(inputs[start:start + self.batch_size]).argmax(dim=1).cpu()
+                for start in range(0, len(inputs), self.batch_size)
+            ])
+        return batch.memo[key]
 
     def _check_images(self, images: torch.Tensor) -> None:
         if not isinstance(images, torch.Tensor):

@@ -9,7 +9,7 @@ baseline (in :mod:`scalecert.baselines`) implements the same one with pixel occl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from collections.abc import Callable
 from typing import Protocol
 
@@ -23,7 +23,13 @@ EMPTY_BOX = (0, 0, 0, 0)
 
 
 class PreparedBatch(Protocol):
-    """Per-image state a predictor computes once (stem features, or the images themselves)."""
+    """Per-image state a predictor computes once (stem features, or the images themselves).
+
+    ``memo`` holds results that do not depend on the window family, such as M(x), for every
+    certifier that shares this batch (several patch sizes of one run); :meth:`select` of the same
+    rows returns the same child memo."""
+
+    memo: dict
 
     def __len__(self) -> int: ...
 
@@ -73,12 +79,14 @@ class StemFeatures:
     features: torch.Tensor  # B x C x h x w, the stem output A
     order: torch.Tensor  # B x P, selection order of positions
     keep: torch.Tensor  # B x P, keep_empty
+    memo: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __len__(self) -> int:
         return self.features.shape[0]
 
     def select(self, rows: slice) -> "StemFeatures":
-        return StemFeatures(self.features[rows], self.order[rows], self.keep[rows])
+        return StemFeatures(self.features[rows], self.order[rows], self.keep[rows],
+                            memo=self.memo.setdefault(("rows", rows.start, rows.stop), {}))
 
 
 class SinPredictor:

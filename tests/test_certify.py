@@ -283,6 +283,34 @@ def test_prepared_stem_features_are_shared_across_patch_sizes(model, images) -> 
 
 
 @pytest.mark.parametrize("method", ["scalecert", "masking"])
+def test_shared_preparation_runs_the_unmasked_model_once(model, images, method) -> None:
+    """M(x) (and scalecert's vanilla forward) do not depend on the patch size: certifiers that
+    share a prepared batch run them once, with the same results as alone."""
+    labels = torch.arange(len(images)) % 10
+    per_axis = 6 if method == "scalecert" else 12
+    configs = [CertConfig(patch_px=px, top_k=0.2, masks_per_axis=per_axis, method=method)
+               for px in (2, 5)]
+    alone = [Certifier(model, config, image_chunk=5, full_map=full)
+             for config, full in zip(configs, (True, False))]
+    shared = [Certifier(model, config, image_chunk=5, full_map=full)
+              for config, full in zip(configs, (True, False))]
+    prepared = shared[0].prepare(images)
+    for lone, sharer in zip(alone, shared):
+        expected = lone.certify(images, labels)
+        result = sharer.certify(images, labels, prepared=prepared)
+        for name in ("prediction", "vanilla_prediction", "certified", "min_margin",
+                     "clean_output", "mask_predictions", "recovered_prediction"):
+            assert torch.equal(getattr(expected, name), getattr(result, name)), name
+    unmasked_runs = len(images) * (2 if method == "scalecert" else 1)  # M(x) (+ vanilla)
+    assert shared[0].runner.pairs == alone[0].runner.pairs
+    assert shared[1].runner.pairs == alone[1].runner.pairs - unmasked_runs
+    # other labels are another memo entry: M(x)'s margins depend on them
+    again = shared[1].certify(images, (labels + 1) % 10, prepared=prepared)
+    assert torch.equal(again.prediction, result.prediction)
+    assert not torch.equal(again.min_margin, result.min_margin)
+
+
+@pytest.mark.parametrize("method", ["scalecert", "masking"])
 def test_work_avoidance_leaves_every_outcome_unchanged(model, images, method) -> None:
     per_axis = 6 if method == "scalecert" else 12  # the random net is fragile under occlusion
     config = CertConfig(patch_px=2, top_k=0.3, masks_per_axis=per_axis, method=method)
