@@ -82,8 +82,3 @@ class OcclusionPredictor:
 
     def unmasked_inputs(self, batch: Images) -> torch.Tensor:
         return batch.pixels.contiguous(memory_format=torch.channels_last)
-
-    def logits(
-        self, batch: Images, image_index: torch.Tensor, boxes: torch.Tensor
-    ) -> torch.Tensor:
-        return self.model(self.g_inputs(batch, image_index, boxes))

@@ -65,12 +65,6 @@ class MaskedPredictor(Protocol):
         """g's input for each image without mask or pruning: g of it is the undefended model."""
         ...
 
-    def logits(
-        self, batch: PreparedBatch, image_index: torch.Tensor, boxes: torch.Tensor
-    ) -> torch.Tensor:
-        """Logits of F(x_i, box_i) for each pair, ``g(g_inputs(...))``."""
-        ...
-
 
 @dataclass(frozen=True)
 class StemFeatures:
@@ -160,8 +154,3 @@ class SinPredictor:
     def unmasked_inputs(self, batch: StemFeatures) -> torch.Tensor:
         """The stem features unpruned: ``head`` of them is the whole model's output."""
         return batch.features.contiguous(memory_format=torch.channels_last)
-
-    def logits(
-        self, batch: StemFeatures, image_index: torch.Tensor, boxes: torch.Tensor
-    ) -> torch.Tensor:
-        return self.head(self.g_inputs(batch, image_index, boxes))

@@ -45,7 +45,7 @@ def all_mask_logits(predictor: SinPredictor, images: torch.Tensor, boxes: torch.
     batch = predictor.prepare(images)
     n, m = len(images), len(boxes)
     index = torch.arange(n).repeat_interleave(m)
-    return batch, predictor.logits(batch, index, boxes.repeat(n, 1)).view(n, m, -1)
+    return batch, predictor.g(predictor.g_inputs(batch, index, boxes.repeat(n, 1))).view(n, m, -1)
 
 
 def test_skipped_masks_give_what_computing_them_gives(model, images) -> None:
@@ -54,7 +54,8 @@ def test_skipped_masks_give_what_computing_them_gives(model, images) -> None:
     batch, logits = all_mask_logits(predictor, images, boxes)
     needed = predictor.evaluation_priority(batch, boxes) > 0
     assert 0 < int((~needed).sum()) < needed.numel()  # some windows skipped, not all
-    base = predictor.logits(batch, torch.arange(len(images)), torch.tensor([EMPTY_BOX] * len(images)))
+    base = predictor.g(predictor.g_inputs(
+        batch, torch.arange(len(images)), torch.tensor([EMPTY_BOX] * len(images))))
     k = keep_count(0.05, batch.features.shape[2:])
     feet = predictor.footprints(batch.features.shape[2:], boxes)
     for i, j in (~needed).nonzero().tolist():
@@ -179,7 +180,8 @@ def test_recovered_prediction_masks_the_located_block(model, images) -> None:
     assert len(located) > 0
     predictor = SinPredictor(model, top_k=0.3)
     batch = predictor.prepare(images[located])
-    direct = predictor.logits(batch, torch.arange(len(located)), result.alert_box[located])
+    direct = predictor.g(predictor.g_inputs(batch, torch.arange(len(located)),
+                                            result.alert_box[located]))
     assert torch.equal(result.recovered_prediction[located], direct.argmax(dim=1))
     assert bool((result.output[located] == ALERT).all())
     unlocated = result.alert_box[:, 0] < 0
