@@ -69,10 +69,7 @@ from pipeline.worker import ShardSummary  # noqa: E402
 from scalecert import CertConfig, Certifier, CertifyResult, load_model  # noqa: E402
 from scalecert.certify import NOT_EVALUATED  # noqa: E402
 from scalecert.precision import FastPath  # noqa: E402
-from scalecert.baselines import box_masks  # noqa: E402
 from scalecert.models.base import StagedClassifier  # noqa: E402
-from scalecert.occlusion import SinPredictor  # noqa: E402
-from scalecert.sin import prune  # noqa: E402
 
 METHODS = ("scalecert", "masking")
 OUTCOMES = ("prediction", "certified", "clean_output", "alert_box", "recovered_prediction")
@@ -133,22 +130,17 @@ def g_module(certifier: Certifier) -> torch.nn.Module:
 def g_limit(
     certifier: Certifier, images: torch.Tensor, batch_size: int, repeats: int, trials: int = 5
 ) -> float:
-    """Images/s of g alone at ``batch_size``, on inputs exactly as certification builds them:
-    scalecert's head on pruned stem outputs, masking's model on images with one window
-    occluded. The best of ``trials`` timings of ``repeats`` runs (a busy machine only slows
-    g down)."""
+    """Images/s of g alone at ``batch_size``, on inputs exactly as certification builds them
+    (the predictor's ``g_inputs`` under windows of the family: scalecert's pruned stem
+    outputs, masking's occluded images). The best of ``trials`` timings of ``repeats`` runs (a
+    busy machine only slows g down)."""
     predictor = certifier.predictor
-    index = torch.arange(batch_size) % len(images)
+    rows = torch.arange(batch_size)
     with torch.inference_mode():
-        if isinstance(predictor, SinPredictor):
-            batch = predictor.prepare(images[:batch_size])
-            rows = index % len(batch)
-            inputs = prune(batch.features[rows], batch.keep[rows])
-        else:
-            box = certifier.mask_boxes(images.shape[2], images.shape[3])[:1]
-            inputs = torch.where(box_masks(box, images.shape[2:]), 0.0, images[index])
+        batch = predictor.prepare(images[:batch_size])
+        boxes = certifier.mask_boxes(images.shape[2], images.shape[3])
+        inputs = predictor.g_inputs(batch, rows % len(batch), boxes[rows % len(boxes)])
         g = g_module(certifier)
-        inputs = inputs.contiguous(memory_format=torch.channels_last)
         g(inputs)  # warm-up
         best = float("inf")
         for _ in range(trials):
