@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESNET20, cifar10_split  # noqa: E402
 
 from scalecert import CertConfig, Certifier, load_model  # noqa: E402
-from scalecert.finetune import FinetuneConfig, finetune  # noqa: E402
+from scalecert.training import FinetuneConfig, finetune  # noqa: E402
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.data import load_image_folder
+from pipeline.compute.batches import load_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -11,7 +11,7 @@ misstate it. g runs as the pipeline runs it on a CPU, BatchNorm folded (``--no-f
              masking's whole model on occluded images
   library    ``Certifier.certify``: images/s and g runs per image (1 + evaluated masks), with the
              full per-mask map and with work avoidance (``full_map=False``), for both methods
-  pipeline   scalecert through ``pipeline.driver.run_certification`` on the JPEG folder (work
+  pipeline   scalecert through ``pipeline.run.driver.run_certification`` on the JPEG folder (work
              avoidance): Pillow decode, local Ray actors, Parquet. Ray's own start-up is
              measured apart and excluded; "end to end" covers planning, actor start, every shard
              and the read-back, "in shards" the span from the first shard's start to the last
@@ -62,10 +62,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, cifar10_folder, class_subset  # noqa: E402
 
-from pipeline.config import RunConfig  # noqa: E402
-from pipeline.data import load_image_folder  # noqa: E402
-from pipeline.driver import cpu_threads, init_ray, run_certification  # noqa: E402
-from pipeline.worker import ShardSummary  # noqa: E402
+from pipeline.run.config import RunConfig  # noqa: E402
+from pipeline.compute.batches import load_image_folder  # noqa: E402
+from pipeline.run.driver import cpu_threads, init_ray, run_certification  # noqa: E402
+from pipeline.run.worker import ShardSummary  # noqa: E402
 from scalecert import CertConfig, Certifier, CertifyResult, load_model  # noqa: E402
 from scalecert.certify import NOT_EVALUATED  # noqa: E402
 from scalecert.precision import FastPath  # noqa: E402

@@ -2,7 +2,7 @@
 
 Reads each certification run's ``report.json`` (written by ``scalecert report``), each
 fine-tune's checkpoint sidecar, and ``timings.tsv`` (wall seconds per step), and sets the
-measured rows beside the published CIFAR-10 rows of ``pipeline/published_results.json``.
+measured rows beside the published CIFAR-10 rows of ``pipeline/report/published_results.json``.
 
     python bench/reproduction_table.py runs/reproduce-cifar
 """
@@ -16,7 +16,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from pipeline.published import load_published
+from pipeline.report.published import load_published
 
 PATCHES = ((2, "0.4%"), (5, "2.4%"))
 MODEL = "cifar_resnet20"

@@ -45,8 +45,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, SHARED  # noqa: E402
 
-from pipeline.certificates import read_table, to_parquet_bytes  # noqa: E402
-from pipeline.images import Preprocess, decode  # noqa: E402
+from pipeline.io.certificates import read_table, table_from_dicts, to_parquet_bytes  # noqa: E402
+from pipeline.io.images import Preprocess, decode  # noqa: E402
 from scalecert import load_model  # noqa: E402
 
 IMAGES = 50_000
@@ -97,7 +97,7 @@ def readback_seconds_per_shard(shard_size: int, rows_per_image: int, shards: int
              "n_masks": 36, "n_evaluated": 33, "min_margin": 1.5, "alert_box": None,
              "recovered_prediction": None, "latency_ms": 3.0, "mask_predictions": None}
             for i in range(shard_size) for p in range(rows_per_image)]
-    blob = to_parquet_bytes(rows, {"fingerprint": "f" * 64})
+    blob = to_parquet_bytes([table_from_dicts(rows)], {"fingerprint": "f" * 64})
     with tempfile.TemporaryDirectory() as folder:
         paths = [Path(folder) / f"part-{i:05d}.parquet" for i in range(shards)]
         for path in paths:

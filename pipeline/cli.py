@@ -9,8 +9,9 @@ from typing import Any
 
 import click
 
-from scalecert import __version__, available_models
+from scalecert import __version__
 from scalecert.config import METHODS
+from scalecert.errors import Refusal
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -22,6 +23,8 @@ def main() -> None:
 @main.command("models")
 def models_command() -> None:
     """List the model names that --model and load_model() accept."""
+    from scalecert.models import available_models
+
     for name in available_models():
         click.echo(name)
 
@@ -29,7 +32,7 @@ def models_command() -> None:
 @main.command("certify")
 @click.option("--data", help="Labelled images: root/<class>/<image>, or an ImageNet val folder "
               "with --ground-truth; a local path or s3://bucket/prefix.")
-@click.option("--model", help=f"Model name: {', '.join(available_models())}.")
+@click.option("--model", help="Model name (`scalecert models` lists them).")
 @click.option("--checkpoint", help="State-dict file (local or s3://); default: random weights.")
 @click.option("--patch", "patches", multiple=True,
               help="Patch side in pixels (32) or share of the image area (2%). Repeatable.")
@@ -70,27 +73,27 @@ def models_command() -> None:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def certify_command(config_path: str | None, quiet: bool, **options: Any) -> None:
     """Certify every image of a labelled dataset; one Parquet certificate file per shard."""
-    from pipeline.config import RunConfig
+    from pipeline.run.config import RunConfig
 
     overrides = {k: (None if v == () else v) for k, v in options.items()}  # () = flag not given
     try:
         run = RunConfig.from_sources(config_path, overrides)
-    except ValueError as exc:
+    except Refusal as exc:
         raise click.UsageError(str(exc)) from None
     _run_and_report(run, quiet)
 
 
 def _run_and_report(run: Any, quiet: bool) -> None:
-    from pipeline.driver import RunRefused, run_certification
     from pipeline.progress import ProgressLine
+    from pipeline.run.driver import run_certification
 
     progress = ProgressLine(enabled=not quiet)
     try:
         summary = run_certification(run, progress=progress.shard_done, on_plan=progress.start)
-    except (ValueError, FileNotFoundError, RunRefused, RuntimeError) as exc:
-        progress.close()
+    except Refusal as exc:
         raise click.ClickException(str(exc)) from None
-    progress.close()
+    finally:
+        progress.close()
     click.echo(f"run {run.out}: {summary.images} images in {summary.shards} shards "
                f"({summary.shards_skipped} already done), {summary.errors} errors, "
                f"{summary.wall_s:.1f} s"
@@ -101,7 +104,7 @@ def _run_and_report(run: Any, quiet: bool) -> None:
 
 @main.command("finetune")
 @click.option("--data", help="Labelled training images root/<class>/<image>, local or s3://.")
-@click.option("--model", help=f"Model name: {', '.join(available_models())}.")
+@click.option("--model", help="Model name (`scalecert models` lists them).")
 @click.option("--checkpoint", help="Weights to start from (local or s3://); default: random.")
 @click.option("--out", help="Output folder (local or s3://): finetune.json, ray-train/ "
               "(a checkpoint per epoch) and <model>-<method>.pt with its .json sidecar.")
@@ -141,20 +144,20 @@ def finetune_command(config_path: str | None, quiet: bool, **options: Any) -> No
     output folder of a different run is refused.
     """
     from pipeline.progress import TrainingProgress
-    from pipeline.train_config import FinetuneRun
-    from pipeline.training import FinetuneRefused, run_finetune
+    from pipeline.train.config import FinetuneRun
+    from pipeline.train.trainer import run_finetune
 
     try:
         run = FinetuneRun.from_sources(config_path, options)
-    except ValueError as exc:
+    except Refusal as exc:
         raise click.UsageError(str(exc)) from None
     progress = TrainingProgress(run.epochs, enabled=not quiet)
     try:
         summary = run_finetune(run, on_event=progress.event)
-    except (ValueError, FileNotFoundError, FinetuneRefused, RuntimeError) as exc:
-        progress.close()
+    except Refusal as exc:
         raise click.ClickException(str(exc)) from None
-    progress.close()
+    finally:
+        progress.close()
     if summary.already_done:
         click.echo(f"already done: {summary.checkpoint} (rerun with another --out to train again)")
     if summary.already_done or quiet:
@@ -171,9 +174,9 @@ def finetune_command(config_path: str | None, quiet: bool, **options: Any) -> No
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def demo_command(out: str, workdir: str, quiet: bool) -> None:
     """The embedded default: synthetic data, a SIN-trained model, local Ray, Parquet in runs/."""
-    from pipeline.config import RunConfig
-    from pipeline.demo import demo_cert_config, train_demo_model
-    from pipeline.synthetic import write_synthetic_dataset
+    from pipeline.run.config import RunConfig
+    from pipeline.demo.model import demo_cert_config, train_demo_model
+    from pipeline.demo.synthetic import write_synthetic_dataset
 
     import torch
 
@@ -225,11 +228,13 @@ def report_command(run: str, against: str | None, max_drop: float, archive: str 
     different data); 3 audit failed (--against, certified accuracy dropped > --max-drop pp);
     4 shards missing (report still written; --allow-missing to accept).
     """
-    from pipeline import storage
-    from pipeline.archive import ArchiveError, archive_run
-    from pipeline.published import load_published
-    from pipeline.reduce import ReportRefused, load_run
-    from pipeline.report import build_report, pct, signed_pp, write_report
+    from pipeline.io import storage
+    from pipeline.report.archive import archive_run
+    from pipeline.report.published import load_published
+    from pipeline.report.reduce import load_run
+    from pipeline.report.figures import build_report
+    from pipeline.report.text import pct, signed_pp
+    from pipeline.report.write import write_report
 
     if max_drop < 0:
         raise click.BadParameter("must be >= 0", param_hint="--max-drop")
@@ -239,7 +244,7 @@ def report_command(run: str, against: str | None, max_drop: float, archive: str 
         previous = load_run(against, s3) if against else None
         report = build_report(data, load_published(), previous, max_drop, worst)
         written = write_report(report, out_dir or run, s3, thumbnails)
-    except (ReportRefused, ValueError, FileNotFoundError) as exc:
+    except Refusal as exc:
         raise click.ClickException(str(exc)) from None
     comp = report["completeness"]
     click.echo(f"run {report['run']['run_id']}: {comp['images_listed']} images, "
@@ -272,7 +277,7 @@ def report_command(run: str, against: str | None, max_drop: float, archive: str 
             if out_dir is not None:
                 click.echo(f"note: reports in {out_dir} are not inside the run folder and were "
                            "not archived")
-        except (ArchiveError, ValueError, FileNotFoundError) as exc:
+        except Refusal as exc:
             raise click.ClickException(f"archive: {exc}") from None
         click.echo(f"archived {result.verified} objects to {result.uri} ({len(result.uploaded)} "
                    f"uploaded, {len(result.unchanged)} unchanged, all verified)")

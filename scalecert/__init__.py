@@ -3,24 +3,47 @@
 The paper's three stages live in three modules: :mod:`scalecert.sin` (SIN pruning),
 :mod:`scalecert.occlusion` (occluding prediction F(x, m)) and :mod:`scalecert.certify`
 (detection and certification). This package imports torch only: no Ray, S3 or Parquet.
+
+The names below are loaded on first use, so that ``import scalecert`` (for its version, its
+configuration or its errors) does not import torch: ``scalecert report`` reads Parquet only.
 """
 
-from scalecert.certify import ALERT, Certifier, CertifyResult, DetectResult
-from scalecert.config import CertConfig
-from scalecert.masks import MaskFamily
-from scalecert.models import available_models, create_model, load_model
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ALERT",
-    "CertConfig",
-    "Certifier",
-    "CertifyResult",
-    "DetectResult",
-    "MaskFamily",
-    "available_models",
-    "create_model",
-    "load_model",
-    "__version__",
-]
+# exported name -> the module that defines it
+_EXPORTS = {
+    "ALERT": "scalecert.certify",
+    "NOT_EVALUATED": "scalecert.certify",
+    "Certifier": "scalecert.certify",
+    "CertifyResult": "scalecert.certify",
+    "DetectResult": "scalecert.certify",
+    "certify_many": "scalecert.certify",
+    "CertConfig": "scalecert.config",
+    "FastPath": "scalecert.precision",
+    "FinetuneConfig": "scalecert.training",
+    "finetune": "scalecert.training",
+    "MaskFamily": "scalecert.masks",
+    "available_models": "scalecert.models",
+    "create_model": "scalecert.models",
+    "load_model": "scalecert.models",
+    "Refusal": "scalecert.errors",
+    "InvalidOption": "scalecert.errors",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'scalecert' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -9,7 +9,10 @@ that block outvotes it. The pairs (image, window) of many images share g's batch
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 
@@ -20,6 +23,7 @@ from scalecert.models.base import StagedClassifier
 from scalecert.occlusion import EMPTY_BOX, MaskedPredictor, PreparedBatch, SinPredictor
 from scalecert.precision import FastPath, GRunner
 from scalecert.precision import margins as logit_margins  # not `margins`: a local name below
+from scalecert.errors import InvalidOption
 
 ALERT = -1
 NOT_EVALUATED = -2  # mask_predictions entry of a window left unrun (full_map=False, r = 1)
@@ -155,7 +159,7 @@ class Certifier:
         fast: FastPath = FastPath(),
     ) -> None:
         if batch_size < 1 or image_chunk < 1:
-            raise ValueError("batch_size and image_chunk must be >= 1")
+            raise InvalidOption("batch_size and image_chunk must be >= 1")
         self.config = config
         self.device = torch.device(device)
         # channels_last: about 1.8x faster convolutions on CPU (measured), and the GPU default
@@ -243,7 +247,7 @@ class Certifier:
         self, images: torch.Tensor, labels: torch.Tensor | None, prepared: PreparedBatch | None
     ) -> _Evaluation:
         if prepared is not None and len(prepared) != len(images):
-            raise ValueError(f"prepared: holds {len(prepared)} images, not {len(images)}")
+            raise InvalidOption(f"prepared: holds {len(prepared)} images, not {len(images)}")
         family = self.mask_family(images.shape[2], images.shape[3])
         parts = []
         for start in range(0, len(images), self.image_chunk):
@@ -401,19 +405,19 @@ class Certifier:
 
     def _check_images(self, images: torch.Tensor) -> None:
         if not isinstance(images, torch.Tensor):
-            raise ValueError(f"images: expected a torch.Tensor, got {type(images).__name__}")
+            raise InvalidOption(f"images: expected a torch.Tensor, got {type(images).__name__}")
         if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"images: expected shape N x 3 x H x W, got {tuple(images.shape)}")
+            raise InvalidOption(f"images: expected shape N x 3 x H x W, got {tuple(images.shape)}")
         if not images.is_floating_point():
-            raise ValueError(f"images: expected floats in [0, 1], got dtype {images.dtype}")
+            raise InvalidOption(f"images: expected floats in [0, 1], got dtype {images.dtype}")
         if len(images) == 0:
-            raise ValueError("images: the batch is empty")
+            raise InvalidOption("images: the batch is empty")
         low, high = float(images.min()), float(images.max())
         if not (0.0 <= low and high <= 1.0):  # also false for NaN
-            raise ValueError(f"images: values must lie in [0, 1], got [{low}, {high}]")
+            raise InvalidOption(f"images: values must lie in [0, 1], got [{low}, {high}]")
         height, width = images.shape[2:]
         if self.config.patch_px > min(height, width):
-            raise ValueError(
+            raise InvalidOption(
                 f"patch_px: a {self.config.patch_px} px patch is larger than the images "
                 f"({height}x{width})"
             )
@@ -421,11 +425,77 @@ class Certifier:
     def _check_labels(self, labels: torch.Tensor, count: int) -> torch.Tensor:
         labels = torch.as_tensor(labels)
         if labels.dim() != 1 or len(labels) != count:
-            raise ValueError(f"labels: expected {count} labels, got shape {tuple(labels.shape)}")
+            raise InvalidOption(f"labels: expected {count} labels, got shape {tuple(labels.shape)}")
         if labels.is_floating_point() or labels.dtype == torch.bool:
-            raise ValueError(f"labels: expected integers, got dtype {labels.dtype}")
+            raise InvalidOption(f"labels: expected integers, got dtype {labels.dtype}")
         labels = labels.to(torch.int64).cpu()
         num_classes = self.model.num_classes
         if bool(((labels < 0) | (labels >= num_classes)).any()):
-            raise ValueError(f"labels: values must lie in [0, {num_classes}), got {labels.tolist()[:10]}")
+            raise InvalidOption(f"labels: values must lie in [0, {num_classes}), got {labels.tolist()[:10]}")
         return labels
+
+
+@dataclass(frozen=True)
+class GroupOutcome:
+    """One setting's certificates from :meth:`CertifierGroup.certify`, and the seconds its
+    own share of the work took (the shared stem and M(x) count towards the first setting
+    that needed them)."""
+
+    config: CertConfig
+    result: CertifyResult
+    seconds: float
+
+
+class CertifierGroup:
+    """Several certification settings for one model (a run's patch sizes and methods),
+    certifying the same images together: each image's stem features and M(x) are computed once
+    for all the settings that share them (equal :attr:`Certifier.preparation_key`).
+
+    The keyword arguments are :class:`Certifier`'s and apply to every setting.
+    """
+
+    def __init__(
+        self,
+        model: StagedClassifier,
+        configs: Sequence[CertConfig],
+        device: str | torch.device = "cpu",
+        batch_size: int = 256,
+        image_chunk: int = 256,
+        full_map: bool = True,
+        fast: FastPath = FastPath(),
+    ) -> None:
+        if not configs:
+            raise InvalidOption("configs: give at least one CertConfig")
+        self.certifiers = tuple(
+            Certifier(model, config, device=device, batch_size=batch_size,
+                      image_chunk=image_chunk, full_map=full_map, fast=fast)
+            for config in configs
+        )
+
+    @torch.no_grad()
+    def certify(self, images: torch.Tensor, labels: torch.Tensor) -> list[GroupOutcome]:
+        """Certificates of ``images`` under every setting, in the order of ``configs``."""
+        prepared: dict[tuple, PreparedBatch] = {}
+        outcomes = []
+        for certifier in self.certifiers:
+            began = time.perf_counter()
+            key = certifier.preparation_key
+            if key not in prepared:
+                prepared[key] = certifier.prepare(images)
+            result = certifier.certify(images, labels, prepared=prepared[key])
+            outcomes.append(GroupOutcome(certifier.config, result, time.perf_counter() - began))
+        return outcomes
+
+
+def certify_many(
+    model: StagedClassifier,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    configs: Sequence[CertConfig],
+    **certifier_options: Any,
+) -> list[CertifyResult]:
+    """Certificates of ``images`` under each of ``configs``, sharing stem features and M(x)
+    between the settings that allow it (:class:`CertifierGroup`); ``certifier_options`` are
+    :class:`Certifier`'s keyword arguments."""
+    group = CertifierGroup(model, configs, **certifier_options)
+    return [outcome.result for outcome in group.certify(images, labels)]

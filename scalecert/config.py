@@ -6,6 +6,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
+from scalecert.errors import InvalidOption
 
 METHODS = ("scalecert", "masking")
 DEFAULT_MASKS_PER_AXIS = 6
@@ -42,11 +43,11 @@ class CertConfig:
         _check_int("patch_px", self.patch_px, minimum=1)
         _check_int("r", self.r, minimum=1)
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, float)):
-            raise ValueError(f"top_k: must be a number in (0, 1], got {self.top_k!r}")
+            raise InvalidOption(f"top_k: must be a number in (0, 1], got {self.top_k!r}")
         if not (0.0 < float(self.top_k) <= 1.0):
-            raise ValueError(f"top_k: must be in (0, 1], got {self.top_k!r}")
+            raise InvalidOption(f"top_k: must be in (0, 1], got {self.top_k!r}")
         if self.masks_per_axis is not None and self.mask_stride is not None:
-            raise ValueError(
+            raise InvalidOption(
                 "masks_per_axis, mask_stride: give one of them, not both "
                 f"(got masks_per_axis={self.masks_per_axis}, mask_stride={self.mask_stride})"
             )
@@ -57,13 +58,13 @@ class CertConfig:
         if self.mask_stride is not None:
             _check_int("mask_stride", self.mask_stride, minimum=1)
         if self.method not in METHODS:
-            raise ValueError(f"method: unknown method {self.method!r}; choose one of {METHODS}")
+            raise InvalidOption(f"method: unknown method {self.method!r}; choose one of {METHODS}")
         if self.layer is not None and (not isinstance(self.layer, str) or not self.layer):
-            raise ValueError(f"layer: must be a layer name or None, got {self.layer!r}")
+            raise InvalidOption(f"layer: must be a layer name or None, got {self.layer!r}")
         if not _finite_number(self.margin) or self.margin <= 0:
-            raise ValueError(f"margin: must be a finite number > 0, got {self.margin!r}")
+            raise InvalidOption(f"margin: must be a finite number > 0, got {self.margin!r}")
         if not _finite_number(self.occlusion_value) or not 0.0 <= self.occlusion_value <= 1.0:
-            raise ValueError(
+            raise InvalidOption(
                 f"occlusion_value: must be a pixel value in [0, 1], got {self.occlusion_value!r}"
             )
 
@@ -79,15 +80,15 @@ class CertConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown CertConfig field(s): {', '.join(unknown)}")
+            raise InvalidOption(f"unknown CertConfig field(s): {', '.join(unknown)}")
         return cls(**values)
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name}: must be an integer, got {value!r}")
+        raise InvalidOption(f"{name}: must be an integer, got {value!r}")
     if value < minimum:
-        raise ValueError(f"{name}: must be >= {minimum}, got {value}")
+        raise InvalidOption(f"{name}: must be >= {minimum}, got {value}")
 
 
 def _finite_number(value: Any) -> bool:

@@ -18,6 +18,7 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import nn
+from scalecert.errors import InvalidOption
 
 Span = tuple[int, int]  # inclusive [lo, hi] interval of input pixels on one axis
 
@@ -104,7 +105,7 @@ def geometry_of(module: nn.Module) -> Geometry:
         return module.geometry()
     if isinstance(module, nn.Conv2d):
         if isinstance(module.padding, str):
-            raise ValueError(f"string padding {module.padding!r} is not supported in a stem")
+            raise InvalidOption(f"string padding {module.padding!r} is not supported in a stem")
         return Window(
             _pair(module.kernel_size), _pair(module.stride), _pair(module.padding),
             _pair(module.dilation),
@@ -123,7 +124,7 @@ def geometry_of(module: nn.Module) -> Geometry:
         return Chain(tuple(geometry_of(child) for child in module))
     if isinstance(module, _POINTWISE) or getattr(module, "is_pointwise", False):
         return IDENTITY
-    raise ValueError(
+    raise InvalidOption(
         f"cannot derive receptive-field geometry of {type(module).__name__}: "
         "it is not a local (sliding-window or point-wise) layer"
     )

@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from scalecert.errors import InvalidOption
 
 Box = tuple[int, int, int, int]  # (top, left, bottom, right), ends exclusive
 
@@ -22,14 +23,14 @@ Box = tuple[int, int, int, int]  # (top, left, bottom, right), ends exclusive
 def stride_for(side: int, patch_px: int, masks_per_axis: int, r: int) -> int:
     """Smallest stride whose family has at most ``masks_per_axis`` windows on this axis."""
     if masks_per_axis < r:
-        raise ValueError(f"masks_per_axis: must be >= r ({r}), got {masks_per_axis}")
+        raise InvalidOption(f"masks_per_axis: must be >= r ({r}), got {masks_per_axis}")
     return math.ceil((side - patch_px + 1) / (masks_per_axis - r + 1))
 
 
 def axis_windows(side: int, patch_px: int, stride: int, r: int) -> tuple[tuple[int, int], ...]:
     """Clipped ``(start, stop)`` windows of one axis, in order."""
     if not 1 <= patch_px <= side:
-        raise ValueError(f"patch_px: {patch_px} does not fit an image side of {side}")
+        raise InvalidOption(f"patch_px: {patch_px} does not fit an image side of {side}")
     count = math.ceil((side - patch_px + 1) / stride) + r - 1
     width = patch_px + r * stride - 1
     windows = []
@@ -62,11 +63,11 @@ class MaskFamily:
         """The family for an image of ``image_hw``; give the stride or the masks per axis."""
         height, width = image_hw
         if patch_px > min(height, width):
-            raise ValueError(
+            raise InvalidOption(
                 f"patch_px: a {patch_px} px patch is larger than the image ({height}x{width})"
             )
         if (mask_stride is None) == (masks_per_axis is None):
-            raise ValueError("give exactly one of mask_stride and masks_per_axis")
+            raise InvalidOption("give exactly one of mask_stride and masks_per_axis")
         axes = []
         for side in (height, width):
             stride = mask_stride or stride_for(side, patch_px, masks_per_axis, r)  # type: ignore[arg-type]

@@ -36,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from scalecert.errors import InvalidOption
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -76,19 +77,19 @@ class FastPath:
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
-            raise ValueError(
+            raise InvalidOption(
                 f"precision: expected one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if not isinstance(self.compile, bool):
-            raise ValueError(f"compile: expected True or False, got {self.compile!r}")
+            raise InvalidOption(f"compile: expected True or False, got {self.compile!r}")
         if not isinstance(self.fuse_bn, bool):
-            raise ValueError(f"fuse_bn: expected True or False, got {self.fuse_bn!r}")
+            raise InvalidOption(f"fuse_bn: expected True or False, got {self.fuse_bn!r}")
         if self.tolerance is None:
             object.__setattr__(self, "tolerance",
                                DEFAULT_TOLERANCE if self.precision == "bf16" else FP32_TOLERANCE)
         tolerance = self.tolerance
         if (isinstance(tolerance, bool) or not isinstance(tolerance, (int, float))
                 or not math.isfinite(tolerance) or tolerance < 0):
-            raise ValueError(f"tolerance: expected a finite number >= 0, got {tolerance!r}")
+            raise InvalidOption(f"tolerance: expected a finite number >= 0, got {tolerance!r}")
 
     @property
     def is_reference(self) -> bool:
@@ -159,7 +160,7 @@ class GRunner:
         self.device = torch.device(device)
         self.batch_size = batch_size
         if fast.precision == "bf16" and not torch.amp.is_autocast_available(self.device.type):
-            raise ValueError(f"precision: bf16 autocast is not available on {self.device}")
+            raise InvalidOption(f"precision: bf16 autocast is not available on {self.device}")
         self.pairs = 0
         self.rechecked = 0
         self.max_recheck_error = 0.0

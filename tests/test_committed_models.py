@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.data import load_image_folder
+from pipeline.compute.batches import load_image_folder
 from scalecert import CertConfig, Certifier, load_model
 from scalecert.models.registry import file_sha256
 

@@ -8,10 +8,10 @@ import tarfile
 import pytest
 import torch
 
-from pipeline.data import load_image_folder
+from pipeline.compute.batches import load_image_folder
 from scalecert import CertConfig, Certifier, create_model, load_model
-from scalecert.finetune import (
-    DefendedForward, FinetuneConfig, augment, finetune, sample_windows, training_loss,
+from scalecert.training import (
+    DefendedForward, FinetuneConfig, augment, finetune, sample_windows,
 )
 from scalecert.models import save_checkpoint
 
@@ -43,7 +43,7 @@ def test_only_kept_features_carry_gradient() -> None:
 
     handle = model.relu.register_forward_hook(keep_output)
     windows = torch.tensor([[0, 0, 9, 9], [0, 0, 0, 0], [10, 10, 19, 19], [0, 0, 0, 0]])
-    loss, _ = training_loss(model, cert, images, labels, windows)
+    loss = torch.nn.functional.cross_entropy(DefendedForward(model, cert)(images, windows), labels)
     loss.backward()
     handle.remove()
     grad = captured[0].grad.abs().sum(dim=1).flatten(1)  # 4 x 1024

@@ -1,4 +1,4 @@
-"""pipeline.images: the bad-image zoo, mode conversions and the ImageNet transform."""
+"""pipeline.io.images: the bad-image zoo, mode conversions and the ImageNet transform."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from pipeline.images import ImageError, Preprocess, decode, to_batch
+from pipeline.compute.batches import to_batch
+from pipeline.io.images import ImageError, Preprocess, decode
 
 IMAGENET = Preprocess.for_input_size(224)
 EXACT32 = Preprocess.for_input_size(32)

@@ -15,7 +15,7 @@ from PIL import Image
 from support import copy_class_subset
 
 from pipeline.cli import main
-from pipeline.data import load_image_folder
+from pipeline.compute.batches import load_image_folder
 from scalecert import CertConfig, Certifier, load_model
 
 pytestmark = pytest.mark.slow

@@ -21,11 +21,11 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline.archive import archive_run
-from pipeline.certificates import to_parquet_bytes
+from pipeline.report.archive import archive_run
+from pipeline.io.certificates import table_from_dicts, to_parquet_bytes
 from pipeline.cli import main
-from pipeline.published import load_published
-from pipeline.reduce import newcombe_paired, wilson
+from pipeline.report.published import load_published
+from pipeline.report.reduce import newcombe_paired, wilson
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
            "truck"]
@@ -60,7 +60,7 @@ def write_run(root: Path, rows_per_shard: list[list[dict[str, Any]] | None], *,
             row.update(run_id=run_id, shard=index)
         meta = {"run_id": fp[:16], "fingerprint": fp}
         (root / "certificates" / f"part-{index:05d}.parquet").write_bytes(
-            to_parquet_bytes(rows, meta))
+            to_parquet_bytes([table_from_dicts(rows)], meta))
     return root
 
 

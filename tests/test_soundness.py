@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.data import load_image_folder
+from pipeline.compute.batches import load_image_folder
 from scalecert import ALERT, CertConfig, Certifier, load_model
 from scalecert.occlusion import SinPredictor
 from scalecert.sin import keep_count, keep_positions, prune, selection_order, sin_scores

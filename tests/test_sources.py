@@ -1,4 +1,4 @@
-"""pipeline.sources: deterministic listing and labels for folder and ImageNet-val layouts."""
+"""pipeline.io.sources: deterministic listing and labels for folder and ImageNet-val layouts."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import storage
-from pipeline.sources import Dataset, ImageRecord, open_dataset
+from pipeline.io import storage
+from pipeline.io.sources import Dataset, ImageRecord, open_dataset
 
 # A folder-layout tree: classes out of order on purpose, mixed extension case, non-image and
 # hidden files, a stray image at the root and one nested a level deeper.

@@ -1,4 +1,4 @@
-"""pipeline.storage: one API over local folders and S3 (a local moto server)."""
+"""pipeline.io.storage: one API over local folders and S3 (a local moto server)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 import pyarrow.fs as pafs
 import pytest
 
-from pipeline import storage
-from pipeline.storage import S3Options
+from pipeline.io import storage
+from pipeline.io.storage import S3Options
 
 if TYPE_CHECKING:
     from conftest import S3Server

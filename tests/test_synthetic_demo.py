@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-import pipeline.synthetic as synthetic
-from pipeline.data import load_image_folder
-from pipeline.demo import demo_cert_config, demo_finetune_config, train_demo_model
-from pipeline.synthetic import synthetic_classes, write_synthetic_dataset
+import pipeline.demo.synthetic as synthetic
+from pipeline.compute.batches import load_image_folder
+from pipeline.demo.model import demo_cert_config, demo_finetune_config, train_demo_model
+from pipeline.demo.synthetic import synthetic_classes, write_synthetic_dataset
 from scalecert import Certifier, load_model
 
 SMALL = {"train_per_class": 3, "test_per_class": 2}

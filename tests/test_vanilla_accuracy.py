@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from pipeline.data import load_image_folder
+from pipeline.compute.batches import load_image_folder
 
 from scalecert.models import load_model
 

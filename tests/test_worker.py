@@ -12,10 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 from support import copy_class_subset
 
-from pipeline.config import RunConfig
-from pipeline.data import load_image_folder
-from pipeline.sources import ImageRecord, open_dataset
-from pipeline.worker import ShardTask, ShardWorker, WorkerSettings, part_location
+from pipeline.run.config import RunConfig
+from pipeline.compute.batches import load_image_folder
+from pipeline.io.sources import ImageRecord, open_dataset
+from pipeline.run.worker import ShardTask, ShardWorker, WorkerSettings, part_location
 from scalecert import CertConfig, Certifier, load_model
 
 WAIT_S = 30.0  # a failure guard only: the events below are set within milliseconds
@@ -73,7 +73,7 @@ def test_the_next_chunk_decodes_while_the_current_one_is_certified(
     certifying_first = threading.Event()
     seen_while_certifying: list[bool] = []
     lock = threading.Lock()
-    decode, certify = worker._decode, worker._certify_chunk
+    decode, certify = worker._read, worker._certify_chunk
 
     def watched_decode(record: ImageRecord):
         if record.image_id not in first_chunk:
@@ -87,7 +87,7 @@ def test_the_next_chunk_decodes_while_the_current_one_is_certified(
             certifying_first.set()
         return certify(context, chunk, certified)
 
-    worker._decode = watched_decode  # type: ignore[method-assign]
+    worker._read = watched_decode  # type: ignore[method-assign]
     worker._certify_chunk = watched_certify  # type: ignore[method-assign]
     summary = worker.run(ShardTask(index=0, records=records))
     assert seen_while_certifying == [True]

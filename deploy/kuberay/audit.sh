@@ -34,7 +34,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 previous="$(python - "$root/passed" <<'PY'
 import sys
 from pyarrow import fs as pafs
-from pipeline.storage import resolve
+from pipeline.io.storage import resolve
 fs, path = resolve(sys.argv[1])
 infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
 names = sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
@@ -63,7 +63,7 @@ scalecert report "${report[@]}"
 python - "$root/passed/$run" "$out" <<'PY'
 import posixpath
 import sys
-from pipeline.storage import resolve
+from pipeline.io.storage import resolve
 fs, path = resolve(sys.argv[1])
 fs.create_dir(posixpath.dirname(path), recursive=True)
 with fs.open_output_stream(path) as f:

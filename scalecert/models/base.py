@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from scalecert.geometry import Geometry, geometry_of
+from scalecert.errors import InvalidOption
 
 
 class Normalize(nn.Module):
@@ -77,7 +78,7 @@ class StagedClassifier(nn.Module):
         """Cut after ``layer`` (default: the first superficial layer)."""
         layer = self.default_layer if layer is None else layer
         if layer not in self.superficial_layers:
-            raise ValueError(
+            raise InvalidOption(
                 f"layer: unknown superficial layer {layer!r} for {self.name}; "
                 f"choose one of {', '.join(self.superficial_layers)}"
             )

@@ -17,6 +17,7 @@ from torch import nn
 
 from scalecert.geometry import Chain, Geometry, Parallel, Window, geometry_of
 from scalecert.models.base import Normalize, StagedClassifier
+from scalecert.errors import InvalidOption
 
 # The akamaster checkpoints were trained with ImageNet statistics, so both models use them.
 CIFAR_MEAN = (0.485, 0.456, 0.406)
@@ -59,7 +60,7 @@ def option_a_shortcut(in_planes: int, planes: int, stride: int) -> nn.Module:
     if stride == 1 and in_planes == planes:
         return nn.Identity()
     if planes - in_planes != 2 * (planes // 4):
-        raise ValueError(
+        raise InvalidOption(
             f"option-A shortcut pads planes//4 channels per side: cannot map "
             f"{in_planes} to {planes} channels"
         )
@@ -111,7 +112,7 @@ class CifarResNet(StagedClassifier):
 
     def __init__(self, depth: int = 20, num_classes: int = 10) -> None:
         if depth < 8 or (depth - 2) % 6:
-            raise ValueError(
+            raise InvalidOption(
                 f"depth: CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56), got {depth}"
             )
         super().__init__(f"cifar_resnet{depth}", num_classes)

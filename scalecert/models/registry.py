@@ -25,6 +25,7 @@ from torch import nn
 from scalecert.models.base import StagedClassifier
 from scalecert.models.cifar_resnet import CifarResNet, CifarResNet18
 from scalecert.models.resnet import resnet18, resnet50
+from scalecert.errors import InvalidOption, MissingInput
 
 # name -> constructor taking ``num_classes`` (keyword, optional: each has its own default).
 _MODELS: Mapping[str, Callable[..., StagedClassifier]] = MappingProxyType(
@@ -53,7 +54,7 @@ def create_model(name: str, num_classes: int | None = None) -> StagedClassifier:
     try:
         constructor = _MODELS[name]
     except KeyError:
-        raise ValueError(
+        raise InvalidOption(
             f"model: unknown model {name!r}; available: {', '.join(available_models())}"
         ) from None
     return constructor() if num_classes is None else constructor(num_classes=num_classes)
@@ -72,12 +73,12 @@ def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     """The checkpoint's state_dict (unwrapped, ``module.`` stripped) and the sha256 of exactly
     the bytes that were loaded."""
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint: no such file: {path}")
+        raise MissingInput(f"checkpoint: no such file: {path}")
     try:
         data = path.read_bytes()
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch.load raises many types for a bad file
-        raise ValueError(f"checkpoint: cannot read {path}: {type(exc).__name__}: {exc}") from exc
+        raise InvalidOption(f"checkpoint: cannot read {path}: {type(exc).__name__}: {exc}") from exc
     sha256 = hashlib.sha256(data).hexdigest()
     if isinstance(obj, Mapping):
         for wrapper in ("state_dict", "model"):
@@ -87,7 +88,7 @@ def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     if not isinstance(obj, Mapping) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
     ):
-        raise ValueError(
+        raise InvalidOption(
             f"checkpoint: {path} holds no state_dict (expected a dict of tensors, possibly "
             "under 'state_dict' or 'model')"
         )
@@ -121,7 +122,7 @@ def _check_keys(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path)
     ]
     if problems:
         name = getattr(model, "name", type(model).__name__)
-        raise ValueError(
+        raise InvalidOption(
             f"checkpoint: {path} does not match model {name}: " + "; ".join(problems)
         )
 

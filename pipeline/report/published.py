@@ -15,6 +15,7 @@ import math
 from dataclasses import asdict, dataclass
 from importlib import resources
 from typing import Any
+from scalecert.errors import InvalidOption
 
 DATA_FILE = "published_results.json"
 KINDS = ("certified detection", "certified recovery")
@@ -51,16 +52,16 @@ def load_published(text: str | None = None) -> tuple[PublishedRow, ...]:
     """The shipped published rows (or those of ``text``, a JSON document of the same form);
     a row with an unknown source or kind is a ValueError naming it."""
     if text is None:
-        text = resources.files("pipeline").joinpath(DATA_FILE).read_text(encoding="utf-8")
+        text = resources.files("pipeline.report").joinpath(DATA_FILE).read_text(encoding="utf-8")
     document = json.loads(text)
     sources = document["sources"]
     rows = []
     for index, raw in enumerate(document["rows"]):
         source = sources.get(raw["source"])
         if source is None:
-            raise ValueError(f"{DATA_FILE}: row {index} names unknown source {raw['source']!r}")
+            raise InvalidOption(f"{DATA_FILE}: row {index} names unknown source {raw['source']!r}")
         if raw["kind"] not in KINDS:
-            raise ValueError(f"{DATA_FILE}: row {index} has kind {raw['kind']!r}, not one of {KINDS}")
+            raise InvalidOption(f"{DATA_FILE}: row {index} has kind {raw['kind']!r}, not one of {KINDS}")
         rows.append(PublishedRow(
             source=raw["source"], title=source["title"], url=source["url"], where=source["where"],
             defense=raw["defense"], model=raw["model"], dataset=raw["dataset"],

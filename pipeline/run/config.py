@@ -20,6 +20,7 @@ import yaml
 from scalecert import CertConfig, available_models
 from scalecert.config import METHODS
 from scalecert.precision import FastPath
+from scalecert.errors import InvalidOption
 
 _PATCH = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(%|px)?\s*$")
 
@@ -35,14 +36,14 @@ class PatchSize:
     def parse(cls, text: str | int | float) -> "PatchSize":
         match = _PATCH.match(str(text))
         if not match:
-            raise ValueError(f"patch: {text!r} is neither pixels (32) nor a percentage (2%)")
+            raise InvalidOption(f"patch: {text!r} is neither pixels (32) nor a percentage (2%)")
         value, unit = float(match.group(1)), match.group(2)
         if unit == "%":
             if not 0 < value < 100:
-                raise ValueError(f"patch: {text!r} must be a percentage in (0, 100)")
+                raise InvalidOption(f"patch: {text!r} must be a percentage in (0, 100)")
             return cls(value, True)
         if value != int(value) or value < 1:
-            raise ValueError(f"patch: {text!r} must be a whole number of pixels >= 1")
+            raise InvalidOption(f"patch: {text!r} must be a whole number of pixels >= 1")
         return cls(value, False)
 
     def pixels(self, side: int) -> int:
@@ -92,7 +93,7 @@ class RunConfig:
         require(isinstance(self.data, str) and self.data, "data", "a local path or s3:// URI")
         require(isinstance(self.out, str) and self.out, "out", "a local path or s3:// URI")
         if self.model not in available_models():
-            raise ValueError(
+            raise InvalidOption(
                 f"model: unknown model {self.model!r}; available: {', '.join(available_models())}"
             )
         patches = tuple(str(p) for p in self.patches)
@@ -138,7 +139,7 @@ class RunConfig:
             )
         except ValueError as exc:  # "top_k: ..." -> "--top-k: ...", the flag the user knows
             name, _, rest = str(exc).partition(":")
-            raise ValueError(f"--{name.replace('_', '-')}:{rest}") from None
+            raise InvalidOption(f"--{name.replace('_', '-')}:{rest}") from None
 
     def g_batch_size(self, device: str) -> int:
         """(image, mask) pairs per run of g on ``device``: ``batch_size``, or by default 256 on
@@ -186,7 +187,7 @@ class RunConfig:
         missing = [name for name in ("data", "model", "out", "patches") if name not in values]
         if missing:
             flags = ", ".join("--" + ("patch" if m == "patches" else m) for m in missing)
-            raise ValueError(f"missing required option(s): {flags}")
+            raise InvalidOption(f"missing required option(s): {flags}")
         return cls(**values)
 
 
@@ -199,20 +200,20 @@ def load_yaml(path: str | Path, known: frozenset[str] | None = None) -> dict[str
     try:
         loaded = yaml.safe_load(path.read_text())
     except OSError as exc:
-        raise ValueError(f"config: cannot read {path}: {exc.strerror or exc}") from None
+        raise InvalidOption(f"config: cannot read {path}: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
-        raise ValueError(f"config: {path} is not valid YAML: {exc}") from None
+        raise InvalidOption(f"config: {path} is not valid YAML: {exc}") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
-        raise ValueError(f"config: {path} must hold a mapping of option names to values")
+        raise InvalidOption(f"config: {path} must hold a mapping of option names to values")
     if known is None:
         known = frozenset({f.name for f in fields(RunConfig)} | {"patch", "method"})
     values = {}
     for key, value in loaded.items():
         name = str(key).replace("-", "_")
         if name not in known:
-            raise ValueError(f"config: {path}: unknown option {key!r}")
+            raise InvalidOption(f"config: {path}: unknown option {key!r}")
         values[name] = tuple(value) if isinstance(value, list) else value
     return values
 
@@ -223,7 +224,7 @@ def _jsonable(value: Any) -> Any:
 
 def require(condition: bool, option: str, expected: str) -> None:
     if not condition:
-        raise ValueError(f"--{option}: expected {expected}")
+        raise InvalidOption(f"--{option}: expected {expected}")
 
 
 def positive_int(value: Any, option: str) -> None:

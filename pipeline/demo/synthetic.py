@@ -11,6 +11,7 @@ any 9 x 9 window masked. No class differs from another by a small local feature.
 
 Generation is a pure function of ``seed``: image ``i`` of class ``c`` in split ``s`` is drawn
 from its own ``numpy.random.Generator`` seeded with ``(version, seed, s, c, i)``, so the bytes do
+from scalecert.errors import InvalidOption
 not depend on the order of generation, and a larger count only appends images. The dataset is
 built in a temporary sibling folder and renamed into place; ``root/synthetic.json`` (written
 last) describes it, so an interrupted run is never mistaken for a complete one.
@@ -255,14 +256,14 @@ def write_synthetic_dataset(
     root = Path(root)
     for name, value in (("train_per_class", train_per_class), ("test_per_class", test_per_class)):
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 9999:
-            raise ValueError(f"{name}: must be an integer in [1, 9999], got {value!r}")
+            raise InvalidOption(f"{name}: must be an integer in [1, 9999], got {value!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed: must be an integer >= 0, got {seed!r}")
+        raise InvalidOption(f"seed: must be an integer >= 0, got {seed!r}")
     description = _description(seed, train_per_class, test_per_class)
     if root.is_dir() and _is_complete(root, description):
         return root
     if root.exists() and not (root.is_dir() and _looks_synthetic(root)):
-        raise ValueError(
+        raise InvalidOption(
             f"root: {root} exists and is not a synthetic dataset folder; refusing to replace it"
         )
     root.parent.mkdir(parents=True, exist_ok=True)

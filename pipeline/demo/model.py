@@ -1,6 +1,6 @@
 """The model of the offline demo: a CIFAR ResNet-20 trained from random initialisation on the
-synthetic texture set (:mod:`pipeline.synthetic`) with the project's own winner-take-all
-fine-tuning (:func:`scalecert.finetune.finetune`), so that `make demo` needs neither network nor
+synthetic texture set (:mod:`pipeline.demo.synthetic`) with the project's own winner-take-all
+fine-tuning (:func:`scalecert.training.finetune`), so that `make demo` needs neither network nor
 downloaded weights.
 
 Training runs with SIN pruning in the forward pass under random windows of the very mask family
@@ -20,10 +20,11 @@ from typing import Callable
 import torch
 
 import scalecert
-from pipeline.data import load_image_folder
+from pipeline.compute.batches import load_image_folder
 from scalecert import CertConfig, create_model
-from scalecert.finetune import EpochMetrics, FinetuneConfig, finetune
+from scalecert.training import EpochMetrics, FinetuneConfig, finetune
 from scalecert.models import save_checkpoint
+from scalecert.errors import InvalidOption
 
 _MODEL = "cifar_resnet20"
 _SIDECAR_FORMAT = "scalecert-demo-model"
@@ -104,15 +105,15 @@ def train_demo_model(
     ``checkpoint.json``); return ``checkpoint``.
 
     ``data_root`` is a dataset root with a ``train/<class>/<image>`` split, as written by
-    :func:`pipeline.synthetic.write_synthetic_dataset`. Nothing is trained when the checkpoint
+    :func:`pipeline.demo.synthetic.write_synthetic_dataset`. Nothing is trained when the checkpoint
     and a sidecar with the same model, config and data already exist. ``on_epoch`` receives each
-    epoch's :class:`~scalecert.finetune.EpochMetrics` as it ends. Training runs on the CPU
+    epoch's :class:`~scalecert.training.EpochMetrics` as it ends. Training runs on the CPU
     with torch's current thread setting (the caller decides ``torch.set_num_threads``).
     """
     data_root, checkpoint = Path(data_root), Path(checkpoint)
     train_dir = data_root / "train"
     if not train_dir.is_dir():
-        raise ValueError(f"data_root: {data_root} has no train/ folder")
+        raise InvalidOption(f"data_root: {data_root} has no train/ folder")
     config = demo_finetune_config(epochs, seed)
     identity = _identity(config, _data_description(data_root, train_dir))
     if _matches(checkpoint, identity):

@@ -24,19 +24,20 @@ from typing import Any, Callable
 
 import pyarrow as pa
 
-from pipeline import storage
-from pipeline.certificates import read_metadata, read_table
-from pipeline.config import RunConfig
-from pipeline.sources import Dataset, ImageRecord, open_dataset
-from pipeline.worker import (
-    ShardSummary, ShardTask, ShardWorker, WorkerSettings, load_run_model, part_location,
-)
+from pipeline.compute.cluster import cluster_resources, init_ray, worker_layout
+from pipeline.compute.models import load_stored_model
+from pipeline.io import storage
+from pipeline.io.certificates import part_location, read_metadata, read_table
+from pipeline.io.sources import Dataset, ImageRecord, listing_sha256, open_dataset
+from pipeline.run.config import RunConfig
+from pipeline.run.worker import ShardSummary, ShardTask, ShardWorker, WorkerSettings
 from scalecert import __version__
+from scalecert.errors import InvalidOption, OutputConflict, RunFailed
 
 _CRASH_SHARD_ENV = "SCALECERT_TEST_CRASH_SHARD"  # tests: the first try at this shard kills its worker
 
 
-class RunRefused(RuntimeError):
+class RunRefused(OutputConflict):
     """The output folder holds results that this run must not mix with."""
 
 
@@ -85,17 +86,17 @@ def make_plan(run: RunConfig) -> Plan:
     """List the data and fix everything the workers need, without starting Ray."""
     s3 = storage.S3Options(endpoint=run.s3_endpoint)
     try:  # the weights are checked here, before any shard: a bad checkpoint fails fast
-        model = load_run_model(run, s3)
+        model = load_stored_model(run.model, run.checkpoint, s3)
     except FileNotFoundError as exc:
-        raise ValueError(f"--checkpoint: {exc}") from None
+        raise InvalidOption(f"--checkpoint: {exc}") from None
     image_side = model.input_size
     patch_pixels = run.patch_pixels(image_side)
     if len(set(patch_pixels)) != len(patch_pixels):
-        raise ValueError(f"--patch: {', '.join(run.patches)} give {patch_pixels} px on "
+        raise InvalidOption(f"--patch: {', '.join(run.patches)} give {patch_pixels} px on "
                          f"{image_side} px images: some sizes coincide")
     for px in patch_pixels:
         if px > image_side:
-            raise ValueError(f"--patch: {px} px is larger than the {image_side} px images")
+            raise InvalidOption(f"--patch: {px} px is larger than the {image_side} px images")
     checkpoint_sha = model.checkpoint_sha256
     dataset = open_dataset(run.data, s3=s3, ground_truth=run.ground_truth, synsets=run.synsets)
     records = dataset.records[:run.limit]
@@ -103,8 +104,7 @@ def make_plan(run: RunConfig) -> Plan:
         (start, min(start + run.shard_size, len(records)))
         for start in range(0, len(records), run.shard_size)
     )
-    listing = hashlib.sha256(
-        "\n".join(f"{r.image_id}\t{r.label}" for r in records).encode()).hexdigest()
+    listing = listing_sha256(records)
     fingerprint = hashlib.sha256(json.dumps({
         "config": run.fingerprint_fields(), "checkpoint_sha256": checkpoint_sha,
         "dataset": listing, "version": __version__, "patch_px": list(patch_pixels),
@@ -179,61 +179,8 @@ def collect(plan: Plan) -> pa.Table:
     table = pa.concat_tables(tables) if tables else pa.table({})
     expected = len(plan.records) * len(plan.patch_pixels) * len(plan.run.methods)
     if table.num_rows != expected:
-        raise RuntimeError(f"{plan.run.out}: {table.num_rows} certificate rows, expected {expected}")
+        raise RunFailed(f"{plan.run.out}: {table.num_rows} certificate rows, expected {expected}")
     return table
-
-
-@dataclass(frozen=True)
-class WorkerLayout:
-    """How many workers, and what each one reserves in Ray and uses in torch."""
-
-    workers: int
-    cpus: float  # Ray CPUs per worker (below 1 when CPU workers outnumber the cores)
-    gpus: float
-    device: str
-    threads: int  # torch intra-op threads per worker
-
-
-def cpu_threads(workers: int, cpus: float) -> int:
-    """Torch threads per worker so that workers x threads never exceeds the cores (one thread
-    each once workers outnumber them)."""
-    return max(1, int(cpus // workers))
-
-
-def worker_layout(run: RunConfig, resources: dict[str, float], shards: int) -> WorkerLayout:
-    """The worker pool for the cluster's resources, at most one worker per shard. CPU workers
-    split the cores between them: each reserves its share (a fraction when there are more
-    workers than cores, so that every worker is placed) and runs :func:`cpu_threads` torch
-    threads."""
-    gpus = resources.get("GPU", 0.0)
-    cpus = max(1.0, resources.get("CPU", 1.0))
-    use_gpu = run.device == "cuda" or (run.device == "auto" and gpus > 0)
-    if use_gpu:
-        if gpus <= 0:
-            raise ValueError("--device cuda: the Ray cluster has no GPUs")
-        per_worker = run.gpus_per_worker or 1.0
-        workers = max(1, min(run.workers or max(1, int(gpus // per_worker)), shards))
-        share = max(1.0, min(4.0, cpus // workers))
-        return WorkerLayout(workers, share, per_worker, "cuda", int(share))
-    workers = max(1, min(run.workers or 1, shards))
-    share = cpus / workers if workers > cpus else float(cpus // workers)
-    return WorkerLayout(workers, share, 0.0, "cpu", cpu_threads(workers, cpus))
-
-
-def _cluster_resources(run: RunConfig, timeout_s: float = 600.0) -> dict[str, float]:
-    """The cluster's resources. With ``--device cuda`` on an existing cluster, wait (up to
-    ``timeout_s``) for GPU nodes to join: an autoscaling cluster may start with none."""
-    import ray
-
-    resources = ray.cluster_resources()
-    if run.device != "cuda" or run.address is None or resources.get("GPU", 0) > 0:
-        return resources
-    print("waiting for GPU workers to join the cluster ...", file=sys.stderr)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and resources.get("GPU", 0) <= 0:
-        time.sleep(5.0)
-        resources = ray.cluster_resources()
-    return resources
 
 
 def execute(
@@ -250,7 +197,8 @@ def execute(
     if not todo:
         return
     run = plan.run
-    layout = worker_layout(run, _cluster_resources(run), shards=len(todo))
+    layout = worker_layout(run.device, cluster_resources(run.device, run.address), run.workers,
+                           limit=len(todo), gpus_per_worker=run.gpus_per_worker)
     workers = layout.workers
     settings = WorkerSettings(
         run=run, run_id=plan.run_id, metadata=plan.metadata(), patch_pixels=plan.patch_pixels,
@@ -281,7 +229,7 @@ def execute(
             summary = ray.get(done[0])
         except (RayActorError, WorkerCrashedError) as exc:
             if attempts[shard] >= max_attempts:
-                raise RuntimeError(f"shard {shard} failed {attempts[shard]} times: {exc}") from exc
+                raise RunFailed(f"shard {shard} failed {attempts[shard]} times: {exc}") from exc
             print(f"worker lost on shard {shard} (attempt {attempts[shard]}); retrying",
                   file=sys.stderr)
             queue.insert(0, shard)
@@ -290,21 +238,6 @@ def execute(
                 on_shard(summary)
         if queue:
             submit(actor)
-
-
-def init_ray(address: str | None) -> bool:
-    """Connect to Ray: embedded local by default. True when this call started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if address is None:
-        ray.init(address="local", include_dashboard=False, logging_level="WARNING",
-                 log_to_driver=False)
-    else:
-        ray.init(address=address, logging_level="WARNING")
-    return True
 
 
 def run_certification(

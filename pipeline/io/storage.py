@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
+from scalecert.errors import InvalidOption, MissingInput
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 _S3_PREFIX = "s3://"
@@ -65,12 +66,12 @@ def _parse_endpoint(endpoint: str) -> tuple[str, str]:
     """``http://host:port`` -> ``("http", "host:port")``; anything else is a ValueError."""
     parts = urlsplit(endpoint)
     if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
-        raise ValueError(
+        raise InvalidOption(
             f"S3 endpoint {endpoint!r} is not a URL of the form http(s)://host[:port] "
             "(no path, no query)"
         )
     if parts.query or parts.fragment:
-        raise ValueError(f"S3 endpoint {endpoint!r} must not have a query or fragment")
+        raise InvalidOption(f"S3 endpoint {endpoint!r} must not have a query or fragment")
     return parts.scheme, parts.netloc
 
 
@@ -82,7 +83,7 @@ def is_s3(location: str) -> bool:
 def _check_scheme(location: str) -> None:
     match = _SCHEME.match(location)
     if match and not is_s3(location):
-        raise ValueError(
+        raise InvalidOption(
             f"location {location!r}: unsupported scheme {match.group(1)!r} "
             "(use a local path or s3://bucket/prefix)"
         )
@@ -92,9 +93,9 @@ def _s3_path(location: str) -> str:
     """``s3://bucket/a/b/`` -> ``bucket/a/b``."""
     path = location[len(_S3_PREFIX) :].rstrip("/")
     if not path.split("/", 1)[0]:
-        raise ValueError(f"location {location!r}: no bucket name after s3://")
+        raise InvalidOption(f"location {location!r}: no bucket name after s3://")
     if "//" in path:
-        raise ValueError(f"location {location!r}: empty path segment ('//')")
+        raise InvalidOption(f"location {location!r}: empty path segment ('//')")
     return path
 
 
@@ -106,7 +107,7 @@ def resolve(location: str, s3: S3Options | None = None) -> tuple[pafs.FileSystem
     schemes (``gs://``, ``file://``, ``http://``) are a ValueError naming the location.
     """
     if not location:
-        raise ValueError("location is empty")
+        raise InvalidOption("location is empty")
     _check_scheme(location)
     if is_s3(location):
         return (s3 or S3Options()).filesystem(), _s3_path(location)
@@ -117,7 +118,7 @@ def normalise(location: str) -> str:
     """The canonical form of a location: an absolute local path, or ``s3://bucket/key``
     without trailing slash. Validates like :func:`resolve` but builds no filesystem."""
     if not location:
-        raise ValueError("location is empty")
+        raise InvalidOption("location is empty")
     _check_scheme(location)
     if is_s3(location):
         return _S3_PREFIX + _s3_path(location)
@@ -147,7 +148,7 @@ def read_bytes(location: str, s3: S3Options | None = None) -> bytes:
         with fs.open_input_stream(path) as stream:
             return stream.read()
     except FileNotFoundError as exc:
-        raise FileNotFoundError(f"{location}: no such file") from exc
+        raise MissingInput(f"{location}: no such file") from exc
     except OSError as exc:  # pyarrow reports a folder as a plain OSError
         if fs.get_file_info(path).type == pafs.FileType.Directory:
             raise IsADirectoryError(f"{location}: is a folder, not a file") from exc
@@ -175,14 +176,14 @@ def list_files(location: str, s3: S3Options | None = None) -> list[str]:
     fs, path = resolve(location, s3)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"{location}: no such folder")
+        raise MissingInput(f"{location}: no such folder")
     if info.type != pafs.FileType.Directory:
         raise NotADirectoryError(f"{location}: is a file, expected a folder")
     prefix = path.rstrip("/") + "/"
     try:
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
     except FileNotFoundError as exc:  # removed between the two calls
-        raise FileNotFoundError(f"{location}: no such folder") from exc
+        raise MissingInput(f"{location}: no such folder") from exc
     names = []
     for entry in infos:
         if entry.type != pafs.FileType.File:

@@ -10,24 +10,27 @@ size, method) — sharing each chunk's decode and stem across them — and write
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from pipeline import storage
-from pipeline.certificates import RowContext, certified_rows, error_rows, to_parquet_bytes
-from pipeline.config import RunConfig
-from pipeline.images import ImageError, Preprocess, decode, to_batch
-from pipeline.sources import ImageRecord
-from scalecert import Certifier, load_model
-from scalecert.models import StagedClassifier
+import pyarrow as pa
+
+from pipeline.compute.batches import to_batch
+from pipeline.compute.models import load_stored_model
+from pipeline.io import storage
+from pipeline.io.certificates import (
+    RowContext, error_rows, part_location, rows_table, to_parquet_bytes,
+)
+from pipeline.io.images import Preprocess, read_labelled
+from pipeline.io.sources import ImageRecord
+from pipeline.run.config import RunConfig
+from scalecert.certify import CertifierGroup, CertifyResult
 
 
 @dataclass(frozen=True)
@@ -63,28 +66,6 @@ class ShardSummary:
     finished_at: float = 0.0
 
 
-def part_location(out: str, shard: int) -> str:
-    return storage.join(out, "certificates", f"part-{shard:05d}.parquet")
-
-
-def load_run_model(run: RunConfig, s3: storage.S3Options) -> StagedClassifier:
-    """The run's model with its checkpoint loaded (see :func:`load_stored_model`)."""
-    return load_stored_model(run.model, run.checkpoint, s3)
-
-
-def load_stored_model(
-    name: str, checkpoint: str | None, s3: storage.S3Options
-) -> StagedClassifier:
-    """Model ``name`` with ``checkpoint`` loaded (an ``s3://`` checkpoint is downloaded to a
-    temporary file first). ``model.checkpoint_sha256`` fingerprints the weights."""
-    if checkpoint is None or not storage.is_s3(checkpoint):
-        return load_model(name, checkpoint=checkpoint)
-    with tempfile.TemporaryDirectory(prefix="scalecert-ckpt-") as folder:
-        path = Path(folder) / Path(checkpoint).name
-        path.write_bytes(storage.read_bytes(checkpoint, s3))
-        return load_model(name, checkpoint=path)
-
-
 class ShardWorker:
     """Certifies shards with one model held in memory."""
 
@@ -93,37 +74,22 @@ class ShardWorker:
         self.settings = settings
         run = settings.run
         self.s3 = storage.S3Options(endpoint=run.s3_endpoint)
-        self.model = load_run_model(run, self.s3)
+        self.model = load_stored_model(run.model, run.checkpoint, self.s3)
         self.num_classes = self.model.num_classes
         self.preprocess = Preprocess.for_input_size(settings.image_side)
-        self.certifiers = [
-            (patch_px, method, Certifier(self.model, run.cert_config(patch_px, method),
-                                         device=settings.device,
-                                         batch_size=run.g_batch_size(settings.device),
-                                         full_map=run.full_map,
-                                         fast=run.fast_path(settings.device)))
-            for patch_px in settings.patch_pixels
-            for method in run.methods
-        ]
+        self.keys = [(patch_px, method) for patch_px in settings.patch_pixels
+                     for method in run.methods]
+        self.certifiers = CertifierGroup(
+            self.model, [run.cert_config(patch_px, method) for patch_px, method in self.keys],
+            device=settings.device, batch_size=run.g_batch_size(settings.device),
+            full_map=run.full_map, fast=run.fast_path(settings.device))
         self.io_pool = ThreadPoolExecutor(max_workers=max(2, settings.threads),
                                           thread_name_prefix="scalecert-io")
 
-    @property
-    def keys(self) -> list[tuple[int, str]]:
-        return [(patch_px, method) for patch_px, method, _ in self.certifiers]
-
-    def _decode(self, record: ImageRecord) -> np.ndarray | str:
+    def _read(self, record: ImageRecord) -> np.ndarray | str:
         """The preprocessed image, or the reason it cannot be certified."""
-        if record.label < 0:
-            return "no label: the image is not in a class folder or the ground truth"
-        if record.label >= self.num_classes:
-            return f"label {record.label} is outside the model's {self.num_classes} classes"
-        try:
-            return decode(storage.read_bytes(record.location, self.s3), self.preprocess)
-        except ImageError as exc:
-            return str(exc)
-        except OSError as exc:
-            return f"cannot read {record.location}: {exc}"
+        outcome = read_labelled(record, self.preprocess, self.num_classes, self.s3)
+        return outcome.pixels if outcome.pixels is not None else str(outcome.reason)
 
     def decoded_chunks(
         self, records: tuple[ImageRecord, ...]
@@ -135,7 +101,7 @@ class ShardWorker:
         chunks = [records[begin:begin + size] for begin in range(0, len(records), size)]
 
         def submit(chunk: tuple[ImageRecord, ...]) -> list[Future]:
-            return [self.io_pool.submit(self._decode, record) for record in chunk]
+            return [self.io_pool.submit(self._read, record) for record in chunk]
 
         pending = submit(chunks[0]) if chunks else []
         for index, chunk in enumerate(chunks):
@@ -148,26 +114,27 @@ class ShardWorker:
         """Certify one shard and write its Parquet file; returns counts for the progress line."""
         started_at, start = time.time(), time.perf_counter()
         context = RowContext(run_id=self.settings.run_id, shard=task.index)
-        rows: list[dict[str, Any]] = []
+        blocks: list[pa.Table] = []
         certified = {f"{px}px/{method}": 0 for px, method in self.keys}
         errors = 0
         for chunk in self.decoded_chunks(task.records):
             good: list[tuple[ImageRecord, np.ndarray]] = []
             for record, outcome in chunk:
                 if isinstance(outcome, str):
-                    rows += error_rows(context, record.image_id, record.label, outcome, self.keys)
+                    blocks.append(error_rows(context, record.image_id, record.label, outcome,
+                                             self.keys))
                     errors += 1
                 else:
                     good.append((record, outcome))
             if good:
-                rows += self._certify_chunk(context, good, certified)
+                blocks += self._certify_chunk(context, good, certified)
         if task.crash_before_write:
             os._exit(17)  # simulate a worker killed mid-shard (tests only)
-        data = to_parquet_bytes(rows, self.settings.metadata)
+        data = to_parquet_bytes(blocks, self.settings.metadata)
         storage.write_bytes_atomic(part_location(self.settings.run.out, task.index), data, self.s3)
         return ShardSummary(
             index=task.index, images=len(task.records), errors=errors,
-            rows=len(rows), seconds=time.perf_counter() - start, certified=certified,
+            rows=sum(block.num_rows for block in blocks), seconds=time.perf_counter() - start, certified=certified,
             started_at=started_at, finished_at=time.time(),
         )
 
@@ -184,21 +151,47 @@ class ShardWorker:
         context: RowContext,
         chunk: list[tuple[ImageRecord, np.ndarray]],
         certified: dict[str, int],
-    ) -> list[dict[str, Any]]:
+    ) -> list[pa.Table]:
         ids = [record.image_id for record, _ in chunk]
-        labels = [record.label for record, _ in chunk]
+        labels = torch.tensor([record.label for record, _ in chunk], dtype=torch.int64)
         images = self._to_device(to_batch([array for _, array in chunk]))
-        label_tensor = torch.tensor(labels, dtype=torch.int64)
-        prepared: dict[tuple, Any] = {}  # stem outputs shared by patch sizes and methods
-        rows = []
-        for patch_px, method, certifier in self.certifiers:
-            began = time.perf_counter()
-            key = certifier.preparation_key
-            if key not in prepared:
-                prepared[key] = certifier.prepare(images)
-            result = certifier.certify(images, label_tensor, prepared=prepared[key])
-            latency = 1000.0 * (time.perf_counter() - began) / len(chunk)
-            certified[f"{patch_px}px/{method}"] += int(result.certified.sum())
-            rows += certified_rows(context, ids, labels, method, patch_px, result, latency,
-                                   with_mask_map=self.settings.run.full_map)
-        return rows
+        blocks = []
+        outcomes = self.certifiers.certify(images, labels)  # stems and M(x) shared
+        for (patch_px, method), outcome in zip(self.keys, outcomes):
+            latency = 1000.0 * outcome.seconds / len(chunk)
+            certified[f"{patch_px}px/{method}"] += int(outcome.result.certified.sum())
+            blocks.append(certificate_rows(context, ids, labels, method, patch_px, outcome.result,
+                                           latency, with_mask_map=self.settings.run.full_map))
+        return blocks
+
+
+def certificate_rows(
+    context: RowContext,
+    image_ids: list[str],
+    labels: torch.Tensor,
+    method: str,
+    patch_px: int,
+    result: CertifyResult,
+    latency_ms: float,
+    with_mask_map: bool = False,
+) -> pa.Table:
+    """The rows of images certified in one call, built column by column from the result's
+    tensors (``latency_ms``: that call's time per image); ``with_mask_map`` adds each image's
+    per-window predictions (audits, ``--full-map``)."""
+    n = len(image_ids)
+    boxes = result.alert_box.tolist()
+    recovered = result.recovered_prediction.tolist()
+    return rows_table({
+        "run_id": [context.run_id] * n, "image_id": list(image_ids),
+        "label": labels.tolist(), "shard": [context.shard] * n, "status": ["ok"] * n,
+        "error": [None] * n, "method": [method] * n, "patch_px": [patch_px] * n,
+        "prediction": result.prediction.tolist(),
+        "vanilla_prediction": result.vanilla_prediction.tolist(),
+        "clean_output": result.clean_output.tolist(), "certified": result.certified.tolist(),
+        "n_masks": result.n_masks.tolist(), "n_evaluated": result.n_evaluated.tolist(),
+        "min_margin": result.min_margin.double().tolist(),
+        "alert_box": [box if box[0] >= 0 else None for box in boxes],
+        "recovered_prediction": [value if value >= 0 else None for value in recovered],
+        "latency_ms": [latency_ms] * n,
+        "mask_predictions": result.mask_predictions.tolist() if with_mask_map else [None] * n,
+    })

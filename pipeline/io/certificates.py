@@ -16,8 +16,7 @@ from typing import Any, Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import storage
-from scalecert import CertifyResult
+from pipeline.io import storage
 
 METADATA_KEY = b"scalecert"
 
@@ -52,36 +51,28 @@ class RowContext:
     shard: int
 
 
-def certified_rows(
-    context: RowContext,
-    image_ids: list[str],
-    labels: list[int],
-    method: str,
-    patch_px: int,
-    result: CertifyResult,
-    latency_ms: float,
-    with_mask_map: bool = False,
-) -> list[dict[str, Any]]:
-    """Rows for images certified in one call (``latency_ms``: that call's time per image);
-    ``with_mask_map`` adds each image's per-window predictions (audits, ``--full-map``)."""
-    rows = []
-    for i, image_id in enumerate(image_ids):
-        box = [int(v) for v in result.alert_box[i].tolist()]
-        recovered = int(result.recovered_prediction[i])
-        rows.append({
-            "run_id": context.run_id, "image_id": image_id, "label": int(labels[i]),
-            "shard": context.shard, "status": "ok", "error": None, "method": method,
-            "patch_px": patch_px, "prediction": int(result.prediction[i]),
-            "vanilla_prediction": int(result.vanilla_prediction[i]),
-            "clean_output": int(result.clean_output[i]), "certified": bool(result.certified[i]),
-            "n_masks": int(result.n_masks[i]), "n_evaluated": int(result.n_evaluated[i]),
-            "min_margin": float(result.min_margin[i]),
-            "alert_box": box if box[0] >= 0 else None,
-            "recovered_prediction": recovered if recovered >= 0 else None,
-            "latency_ms": latency_ms,
-            "mask_predictions": result.mask_predictions[i].tolist() if with_mask_map else None,
-        })
-    return rows
+def part_location(out: str, shard: int) -> str:
+    """Where shard ``shard`` of the run in ``out`` keeps its certificates."""
+    return storage.join(out, "certificates", f"part-{shard:05d}.parquet")
+
+
+def rows_table(columns: dict[str, list[Any]]) -> pa.Table:
+    """A block of rows given column-wise (names of :data:`SCHEMA`; absent ones are null)."""
+    lengths = {len(values) for values in columns.values()}
+    if len(lengths) > 1:
+        raise ValueError(f"rows_table: columns of different lengths {sorted(lengths)}")
+    unknown = sorted(set(columns) - set(SCHEMA.names))
+    if unknown:
+        raise ValueError(f"rows_table: unknown column(s) {', '.join(unknown)}")
+    n = lengths.pop() if lengths else 0
+    return pa.Table.from_pydict(
+        {name: columns.get(name, [None] * n) for name in SCHEMA.names}, schema=SCHEMA)
+
+
+def table_from_dicts(rows: Iterable[dict[str, Any]]) -> pa.Table:
+    """Rows given one dict each (hand-made rows: tests, tools); absent keys are null."""
+    rows = list(rows)
+    return rows_table({name: [row.get(name) for row in rows] for name in SCHEMA.names})
 
 
 def error_rows(
@@ -90,24 +81,26 @@ def error_rows(
     label: int,
     reason: str,
     keys: Iterable[tuple[int, str]],
-) -> list[dict[str, Any]]:
+) -> pa.Table:
     """One ``status = "error"`` row per (patch_px, method) for an image that was not certified."""
-    return [
-        {
-            "run_id": context.run_id, "image_id": image_id, "label": label,
-            "shard": context.shard, "status": "error", "error": reason, "method": method,
-            "patch_px": patch_px, "certified": False,
-        }
-        for patch_px, method in keys
-    ]
+    keys = list(keys)
+    n = len(keys)
+    return rows_table({
+        "run_id": [context.run_id] * n, "image_id": [image_id] * n, "label": [label] * n,
+        "shard": [context.shard] * n, "status": ["error"] * n, "error": [reason] * n,
+        "method": [method for _, method in keys], "patch_px": [px for px, _ in keys],
+        "certified": [False] * n,
+    })
 
 
-def to_parquet_bytes(rows: list[dict[str, Any]], metadata: dict[str, Any]) -> bytes:
-    """Rows (sorted by image, patch, method) as Parquet bytes with the run metadata."""
-    ordered = sorted(rows, key=lambda row: (row["image_id"], row["patch_px"], row["method"]))
-    columns = {name: [row.get(name) for row in ordered] for name in SCHEMA.names}
-    schema = SCHEMA.with_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True)})
-    table = pa.Table.from_pydict(columns, schema=schema)
+def to_parquet_bytes(blocks: Iterable[pa.Table], metadata: dict[str, Any]) -> bytes:
+    """Blocks of rows (from :func:`rows_table`), sorted by image, patch and method, as Parquet
+    bytes with the run metadata."""
+    blocks = list(blocks)
+    table = pa.concat_tables(blocks) if blocks else SCHEMA.empty_table()
+    table = table.sort_by([("image_id", "ascending"), ("patch_px", "ascending"),
+                           ("method", "ascending")])
+    table = table.replace_schema_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True)})
     sink = io.BytesIO()
     pq.write_table(table, sink, compression="zstd")
     return sink.getvalue()

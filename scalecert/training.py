@@ -5,8 +5,8 @@ random window of the mask family or none, so that only the kept features carry g
 head learns to classify from k positions. The `masking` control trains the unpruned model on
 images with a random window occluded, so both defenses get the same budget.
 
-This is the single-device loop; the distributed trainer (``pipeline/training.py``) reuses
-:class:`DefendedForward` and the same window sampling and augmentation.
+One epoch is :func:`train_epoch`, run by the single-device loop (:func:`finetune`) and by the
+distributed trainer (``pipeline/train/trainer.py``) alike.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from scalecert.geometry import Footprints
 from scalecert.masks import MaskFamily
 from scalecert.models.base import StagedClassifier
 from scalecert.sin import keep_count, keep_positions, prune, selection_order, sin_scores
+from scalecert.errors import InvalidOption
 
 
 @dataclass(frozen=True)
@@ -49,19 +50,19 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.cert, CertConfig):
-            raise ValueError(f"cert: expected a CertConfig, got {type(self.cert).__name__}")
+            raise InvalidOption(f"cert: expected a CertConfig, got {type(self.cert).__name__}")
         for name in ("epochs", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: must be an integer >= 1, got {value!r}")
+                raise InvalidOption(f"{name}: must be an integer >= 1, got {value!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr: must be a finite number > 0, got {self.lr!r}")
+            raise InvalidOption(f"lr: must be a finite number > 0, got {self.lr!r}")
         if not 0.0 <= self.momentum < 1.0:
-            raise ValueError(f"momentum: must be in [0, 1), got {self.momentum!r}")
+            raise InvalidOption(f"momentum: must be in [0, 1), got {self.momentum!r}")
         if not self.weight_decay >= 0.0:
-            raise ValueError(f"weight_decay: must be >= 0, got {self.weight_decay!r}")
+            raise InvalidOption(f"weight_decay: must be >= 0, got {self.weight_decay!r}")
         if not 0.0 <= self.mask_probability <= 1.0:
-            raise ValueError(f"mask_probability: must be in [0, 1], got {self.mask_probability!r}")
+            raise InvalidOption(f"mask_probability: must be in [0, 1], got {self.mask_probability!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -140,18 +141,6 @@ class DefendedForward(nn.Module):
         return defended_logits(self.model, self.cert, images, windows)
 
 
-def training_loss(
-    model: StagedClassifier,
-    cert: CertConfig,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    windows: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy of the defended forward pass (:func:`defended_logits`), and the logits."""
-    logits = defended_logits(model, cert, images, windows)
-    return F.cross_entropy(logits, labels), logits
-
-
 def training_windows(cert: CertConfig, image_hw: tuple[int, int]) -> torch.Tensor:
     """The windows training samples from: the certification mask family's boxes."""
     return MaskFamily.build(image_hw, cert.patch_px, cert.r, mask_stride=cert.mask_stride,
@@ -169,6 +158,60 @@ def sgd_with_cosine_schedule(
     return optimizer, schedule
 
 
+@dataclass(frozen=True)
+class EpochTotals:
+    """What one worker's epoch summed: loss x images, correct predictions, images."""
+
+    loss_sum: float
+    correct: int
+    images: int
+
+
+def train_epoch(
+    forward: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    order: torch.Tensor,
+    batch_size: int,
+    boxes: torch.Tensor,
+    config: FinetuneConfig,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    generator: torch.Generator,
+    device: torch.device,
+    on_step: Callable[[int, int], None] | None = None,
+) -> EpochTotals:
+    """One epoch of the defended forward pass: batches of ``batch_size`` images taken in
+    ``order`` (indices into ``images``, uint8 or floats in [0, 1]), each augmented and put
+    under windows sampled from ``boxes`` with ``generator``, one SGD step each.
+
+    ``forward`` is :class:`DefendedForward` or a wrapper of it (DDP): the one-device loop
+    (:func:`finetune`) and the Ray Train worker both run their epochs here. ``on_step(step,
+    steps)`` is called after each optimiser step."""
+    steps = math.ceil(len(order) / batch_size)
+    loss_sum, correct = 0.0, 0
+    for step in range(steps):
+        index = order[step * batch_size:(step + 1) * batch_size]
+        batch = images[index]
+        if not batch.is_floating_point():
+            batch = batch.float().div_(255.0)
+        if config.augment:
+            batch = augment(batch, generator)
+        windows = sample_windows(len(index), boxes, config.mask_probability, generator)
+        target = labels[index].to(device)
+        logits = forward(batch.to(device).contiguous(memory_format=torch.channels_last), windows)
+        loss = F.cross_entropy(logits, target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        loss_sum += float(loss.detach()) * len(index)
+        correct += int((logits.argmax(dim=1) == target).sum())
+        if on_step is not None:
+            on_step(step + 1, steps)
+    return EpochTotals(loss_sum, correct, len(order))
+
+
 def finetune(
     model: StagedClassifier,
     images: torch.Tensor,
@@ -184,37 +227,26 @@ def finetune(
     eval mode.
     """
     if images.dim() != 4 or len(images) != len(labels) or len(images) == 0:
-        raise ValueError(
+        raise InvalidOption(
             f"images, labels: expected N x 3 x H x W images and N labels, got "
             f"{tuple(images.shape)} and {tuple(labels.shape)}"
         )
     cert = config.cert
     device = torch.device(device)
-    model.to(device).train()
+    model.to(device, memory_format=torch.channels_last).train()
     model.split(cert.layer)  # refuse an unknown layer before any work
+    forward = DefendedForward(model, cert)
     boxes = training_windows(cert, tuple(images.shape[2:]))
     generator = torch.Generator().manual_seed(config.seed)
     optimizer, schedule = sgd_with_cosine_schedule(
         model.parameters(), config, steps_per_epoch=math.ceil(len(images) / config.batch_size))
     history = []
     for epoch in range(1, config.epochs + 1):
-        permutation = torch.randperm(len(images), generator=generator)
-        total_loss, correct = 0.0, 0
-        for start in range(0, len(images), config.batch_size):
-            index = permutation[start:start + config.batch_size]
-            batch = images[index]
-            if config.augment:
-                batch = augment(batch, generator)
-            windows = sample_windows(len(index), boxes, config.mask_probability, generator)
-            target = labels[index].to(device)
-            loss, logits = training_loss(model, cert, batch.to(device), target, windows)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            total_loss += float(loss.detach()) * len(index)
-            correct += int((logits.argmax(dim=1) == target).sum())
-        metrics = EpochMetrics(epoch, total_loss / len(images), correct / len(images), len(images))
+        order = torch.randperm(len(images), generator=generator)
+        totals = train_epoch(forward, images, labels, order, config.batch_size, boxes, config,
+                             optimizer, schedule, generator, device)
+        metrics = EpochMetrics(epoch, totals.loss_sum / totals.images,
+                               totals.correct / totals.images, totals.images)
         history.append(metrics)
         if on_epoch is not None:
             on_epoch(metrics)

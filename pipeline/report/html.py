@@ -1,269 +1,19 @@
-"""``scalecert report``: a run's figures as report.json, report.md and report.html.
-
-The figures come from :mod:`pipeline.reduce` (definitions there); published numbers from
-:mod:`pipeline.published`, always in their own rows labelled "published". The HTML is one
-self-contained file: tables, and plots drawn here as inline SVG (no scripts, no network):
+"""report.html: one self-contained page, tables and inline SVG plots (no scripts, no network):
 certified accuracy vs patch size (``svg#plot-certified``), masks evaluated per image
-(``svg.masks-histogram``), and the images that alert on their clean input with their alert
-boxes (``svg.alert-thumb``, thumbnails embedded as base64 PNG).
-
-report.json (``schema = "scalecert-report/1"``; keys are stable, new ones may be added):
-
-- ``schema``, ``generated`` (UTC ISO time)
-- ``run``: location, run_id, fingerprint, model, checkpoint_sha256, version, created,
-  image_side, config (the manifest's), dataset {source, name, layout, classes, images}
-- ``completeness``: complete, shards_listed, shards_present, missing_shards [{index, images,
-  first, last}], images_listed, images_with_rows, images_missing
-- ``errors``: images (count), items [{image_id, label, error}]
-- ``definitions``: metric name -> what it counts, over what
-- ``groups``: one per (method, patch_px): method, patch_px, patch_area_percent, images,
-  ok_images, error_images, missing_images; vanilla_accuracy, pruned_accuracy, clean_accuracy,
-  certified_accuracy, false_alert_rate as {value, successes, n, ci95: [lo, hi]} (fractions);
-  masks {per_image, evaluated_mean, evaluated_p50, evaluated_p95, histogram [[n_evaluated,
-  images]]}; latency_ms {mean, p50, p95}; images_per_s; worst_classes [{label, name,
-  certified_accuracy}]
-- ``published``: rows comparable with the run (same image side and class count): source,
-  title, url, where, defense, model, dataset, image_side, patch_area_percent, patch_px,
-  clean_accuracy, certified_accuracy (percent, as published), kind, note, published (true)
-- ``clean_alerts``: total, items (up to 1000) [{image_id, method, patch_px, label,
-  prediction, alert_box [top, left, bottom, right] or null}]
-- ``diff``: null, or the audit diff against ``--against`` (see :func:`pipeline.reduce.diff_runs`):
-  against, against_run_id, against_fingerprint, max_drop_pp, interval, failed,
-  groups [{method, patch_px, <each accuracy>: {new, old, delta, ci95, lost, gained},
-  certified_drop_pp, failed, lost_certification, gained_certification}],
-  groups_only_in_run, groups_only_in_against
-"""
+(``svg.masks-histogram``), and the clean-alert thumbnails with their alert boxes
+(``svg.alert-thumb``, embedded as base64 PNG)."""
 
 from __future__ import annotations
 
-import base64
 import html
-import io
-import json
-import re
-import time
-from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Any
 
-from pipeline import storage
-from pipeline.published import PublishedRow, relevant
-from pipeline.reduce import (
-    ACCURACIES, RunData, clean_alerts, diff_runs, error_items, summarise_group,
-)
+from pipeline.report.reduce import ACCURACIES
+from pipeline.report.text import num, pct, signed_pp
+from pipeline.report.thumbnails import Thumbnail
 
-SCHEMA_VERSION = "scalecert-report/1"
-MAX_ALERT_ITEMS = 1000
-DEFINITIONS = MappingProxyType({
-    "vanilla_accuracy": "vanilla_prediction == label (unpruned model), over all listed images",
-    "pruned_accuracy": "prediction == label (SIN-pruned model M(x)), over all listed images",
-    "clean_accuracy": "clean_output == label (detection on the clean image returns the label), "
-                      "over all listed images",
-    "certified_accuracy": "certified, over all listed images",
-    "false_alert_rate": "clean_output == -1 (ALERT on the clean image), over rows with status ok",
-    "errors_and_missing": "error rows and images of missing shards count as not correct and not "
-                          "certified in every accuracy",
-    "ci95": "95% Wilson score interval",
-    "images_per_s": "1000 / mean latency_ms (per-image share of a worker's batch time), not the "
-                    "run's wall-clock throughput",
-    "diff_ci95": "new - old, Newcombe method 10 interval for paired proportions (same images)",
-})
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf")
 
-
-def dataset_name(source: str) -> str:
-    """The last path component of a dataset source, safe as one S3 key segment."""
-    last = source.rstrip("/").rsplit("/", 1)[-1]
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", last).strip("-.") or "dataset"
-
-
-def build_report(run: RunData, published: tuple[PublishedRow, ...], against: RunData | None = None,
-                 max_drop_pp: float = 1.0, worst: int = 10) -> dict[str, Any]:
-    """The report document (see the module docstring for its keys)."""
-    manifest = run.manifest
-    dataset = manifest["dataset"]
-    alerts = clean_alerts(run)
-    errors = error_items(run)
-    side = int(manifest.get("image_side") or 0)
-    return {
-        "schema": SCHEMA_VERSION,
-        "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "run": {
-            "location": run.location, "run_id": manifest["run_id"],
-            "fingerprint": manifest["fingerprint"], "model": manifest["config"].get("model"),
-            "checkpoint_sha256": manifest.get("checkpoint_sha256"),
-            "version": manifest.get("version"), "created": manifest.get("created"),
-            "image_side": side, "config": manifest["config"],
-            "dataset": {"source": dataset.get("source"), "name": dataset_name(dataset.get("source", "")),
-                        "layout": dataset.get("layout"), "classes": dataset.get("classes"),
-                        "images": run.images},
-        },
-        "completeness": {
-            "complete": not run.missing, "shards_listed": len(manifest["shards"]),
-            "shards_present": len(manifest["shards"]) - len(run.missing),
-            "missing_shards": [vars(m) for m in run.missing], "images_listed": run.images,
-            "images_with_rows": int(run.rows["image_id"].nunique()),
-            "images_missing": sum(m.images for m in run.missing),
-        },
-        "errors": {"images": len(errors), "items": errors},
-        "definitions": dict(DEFINITIONS),
-        "groups": [summarise_group(run, method, px, worst) for method, px in run.groups],
-        "published": [row.to_dict() for row in relevant(published, side, int(dataset.get("classes") or 0))],
-        "clean_alerts": {"total": len(alerts), "items": alerts[:MAX_ALERT_ITEMS]},
-        "diff": None if against is None else diff_runs(run, against, max_drop_pp),
-    }
-
-
-# --- text -----------------------------------------------------------------------------------
-
-def pct(p: dict[str, Any] | None) -> str:
-    """``83.1% [80.2, 85.7]`` for a proportion dict; ``n/a`` when it has no images."""
-    if not p or p["n"] == 0:
-        return "n/a"
-    lo, hi = p["ci95"]
-    return f"{100 * p['value']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]"
-
-
-def _num(value: float | None, digits: int = 1) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
-
-
-def signed_pp(delta: dict[str, Any]) -> str:
-    lo, hi = delta["ci95"]
-    return f"{100 * delta['delta']:+.1f} pp [{100 * lo:+.1f}, {100 * hi:+.1f}]"
-
-
-def render_markdown(report: dict[str, Any]) -> str:
-    """report.md: the same content as report.json, as tables."""
-    run, comp = report["run"], report["completeness"]
-    out = [f"# ScaleCert report: run {run['run_id']}", "",
-           f"- model `{run['model']}`, checkpoint sha256 `{str(run['checkpoint_sha256'])[:16]}`",
-           f"- data `{run['dataset']['source']}` ({run['dataset']['images']} images listed, "
-           f"{run['image_side']} px)",
-           f"- shards: {comp['shards_present']} of {comp['shards_listed']} present"
-           + ("" if comp["complete"] else f"; **{len(comp['missing_shards'])} MISSING "
-              f"({comp['images_missing']} images counted as not certified)**"),
-           f"- errors: {report['errors']['images']} images with status error (counted as not "
-           "correct, not certified)", "",
-           "## Measured", "",
-           "Accuracies over all listed images with 95% Wilson intervals; false alerts over ok rows.",
-           "", "| method | patch | images | errors | vanilla | pruned | clean | certified | "
-           "false alerts | masks (eval. mean / p50 / p95 of total) | latency ms (mean / p50 / "
-           "p95) | images/s |", "|" + "---|" * 12]
-    for g in report["groups"]:
-        m, lat = g["masks"], g["latency_ms"]
-        out.append(
-            f"| {g['method']} | {g['patch_px']} px | {g['images']} | {g['error_images']} | "
-            f"{pct(g['vanilla_accuracy'])} | {pct(g['pruned_accuracy'])} | "
-            f"{pct(g['clean_accuracy'])} | {pct(g['certified_accuracy'])} | "
-            f"{pct(g['false_alert_rate'])} | {_num(m['evaluated_mean'])} / "
-            f"{_num(m['evaluated_p50'])} / {_num(m['evaluated_p95'])} of {m['per_image']} | "
-            f"{_num(lat['mean'], 2)} / {_num(lat['p50'], 2)} / {_num(lat['p95'], 2)} | "
-            f"{_num(g['images_per_s'])} |")
-    out += ["", "images/s = 1000 / mean latency_ms (per-worker, from the rows).", ""]
-    if report["published"]:
-        out += ["## Published (not measured here)", "",
-                "| published | defense | model | dataset | patch | clean | certified | kind | source |",
-                "|---|---|---|---|---|---|---|---|---|"]
-        for p in report["published"]:
-            out.append(f"| published | {p['defense']} | {p['model'] or 'not stated'} | "
-                       f"{p['dataset']} | {p['patch_area_percent']:g}% ({p['patch_px']} px) | "
-                       f"{p['clean_accuracy']:.1f}% | {p['certified_accuracy']:.1f}% | "
-                       f"{p['kind']} | [{p['source']}]({p['url']}) {p['note']} |")
-        out.append("")
-    for g in report["groups"]:
-        out += [f"## Worst classes: {g['method']}, {g['patch_px']} px", "",
-                "| class | images | certified |", "|---|---|---|"]
-        out += [f"| {c['label']} {c['name']} | {c['certified_accuracy']['n']} | "
-                f"{pct(c['certified_accuracy'])} |" for c in g["worst_classes"]]
-        out.append("")
-    out += _problems_markdown(report)
-    if report["diff"] is not None:
-        out += diff_markdown(report["diff"])
-    return "\n".join(out) + "\n"
-
-
-def _problems_markdown(report: dict[str, Any]) -> list[str]:
-    out = []
-    missing = report["completeness"]["missing_shards"]
-    if missing:
-        out += ["## Missing shards", "", "| shard | images | first | last |", "|---|---|---|---|"]
-        out += [f"| {m['index']} | {m['images']} | {m['first']} | {m['last']} |" for m in missing]
-        out.append("")
-    items = report["errors"]["items"]
-    out += [f"## Errors ({len(items)} images)", ""]
-    out += [f"- `{e['image_id']}`: {e['error']}" for e in items] or ["none"]
-    alerts = report["clean_alerts"]
-    out += ["", f"## Alerts on clean images ({alerts['total']} rows)", ""]
-    out += [f"- `{a['image_id']}` {a['method']} {a['patch_px']} px: box {a['alert_box']}"
-            for a in alerts["items"][:50]] or ["none"]
-    return out + [""]
-
-
-def diff_markdown(diff: dict[str, Any]) -> list[str]:
-    out = [f"## Audit diff against {diff['against']} (run {diff['against_run_id']})", "",
-           f"Deltas are this run minus the other, {diff['interval']}. Fails when certified "
-           f"accuracy drops by more than {diff['max_drop_pp']:g} pp: "
-           f"**{'FAILED' if diff['failed'] else 'passed'}**.", "",
-           "| method | patch | " + " | ".join(a.replace("_", " ") for a in ACCURACIES)
-           + " | lost / gained cert. | verdict |", "|" + "---|" * (len(ACCURACIES) + 4)]
-    for g in diff["groups"]:
-        out.append(f"| {g['method']} | {g['patch_px']} px | "
-                   + " | ".join(signed_pp(g[a]) for a in ACCURACIES)
-                   + f" | {len(g['lost_certification'])} / {len(g['gained_certification'])} | "
-                   f"{'FAILED' if g['failed'] else 'ok'} |")
-    for g in diff["groups"]:
-        for what in ("lost_certification", "gained_certification"):
-            if g[what]:
-                out.append(f"- {g['method']} {g['patch_px']} px {what.replace('_', ' ')}: "
-                           + ", ".join(f"`{i}`" for i in g[what]))
-    return out + [""]
-
-
-# --- thumbnails -----------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Thumbnail:
-    image_id: str
-    method: str
-    patch_px: int
-    label: int
-    prediction: int
-    box: list[int] | None
-    png_base64: str | None  # None: the image could not be read (see ``problem``)
-    problem: str | None
-
-
-def alert_thumbnails(report: dict[str, Any], s3: storage.S3Options | None,
-                     limit: int = 24) -> list[Thumbnail]:
-    """Thumbnails of the first ``limit`` clean alerts, read from the dataset and preprocessed
-    as the run did; an image that cannot be read gets ``problem`` instead of pixels."""
-    from PIL import Image
-
-    from pipeline.images import Preprocess, decode
-
-    source = report["run"]["dataset"]["source"]
-    side = report["run"]["image_side"]
-    thumbs = []
-    for item in report["clean_alerts"]["items"][:limit]:
-        png, problem = None, None
-        try:
-            pixels = decode(storage.read_bytes(storage.join(source, item["image_id"]), s3),
-                            Preprocess.for_input_size(side))
-            image = Image.fromarray(pixels)
-            if side > 112:
-                image = image.resize((112, 112), Image.Resampling.BILINEAR)
-            buffer = io.BytesIO()
-            image.save(buffer, format="PNG")
-            png = base64.b64encode(buffer.getvalue()).decode("ascii")
-        except Exception as exc:  # any failure becomes a note in the page, never a failed report
-            problem = f"cannot read {item['image_id']} from {source}: {exc}"
-        thumbs.append(Thumbnail(item["image_id"], item["method"], item["patch_px"], item["label"],
-                                item["prediction"], item["alert_box"], png, problem))
-    return thumbs
-
-
-# --- HTML and SVG ---------------------------------------------------------------------------
 
 def _e(value: Any) -> str:
     return html.escape(str(value), quote=True)
@@ -439,10 +189,10 @@ def _groups_table(report: dict[str, Any]) -> str:
         m, lat = g["masks"], g["latency_ms"]
         cells = [g["method"], f"{g['patch_px']} px", g["images"], g["error_images"],
                  *(pct(g[a]) for a in (*ACCURACIES, "false_alert_rate")),
-                 f"{_num(m['evaluated_mean'])} / {_num(m['evaluated_p50'])} / "
-                 f"{_num(m['evaluated_p95'])} of {m['per_image']}",
-                 f"{_num(lat['mean'], 2)} / {_num(lat['p50'], 2)} / {_num(lat['p95'], 2)}",
-                 _num(g["images_per_s"])]
+                 f"{num(m['evaluated_mean'])} / {num(m['evaluated_p50'])} / "
+                 f"{num(m['evaluated_p95'])} of {m['per_image']}",
+                 f"{num(lat['mean'], 2)} / {num(lat['p50'], 2)} / {num(lat['p95'], 2)}",
+                 num(g["images_per_s"])]
         rows.append("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in cells) + "</tr>")
     return (head + "".join(rows) + "</table><p>Accuracies over all listed images, false alerts "
             "over ok rows, [95% Wilson interval]. *images/s = 1000 / mean latency_ms.</p>")
@@ -534,34 +284,3 @@ def _diff_html(diff: dict[str, Any]) -> list[str]:
                            + ", ".join(f"<code>{_e(i)}</code>" for i in g[what]) + "</p>")
     return out
 
-
-# --- writing --------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class WrittenReport:
-    report: dict[str, Any]
-    locations: tuple[str, ...]  # report.json, report.md, report.html
-
-
-def write_report(report: dict[str, Any], out_dir: str, s3: storage.S3Options | None,
-                 thumbnails: int = 24) -> WrittenReport:
-    """Write report.json, report.md and report.html into ``out_dir`` (local or s3://)."""
-    thumbs = alert_thumbnails(report, s3, thumbnails) if thumbnails > 0 else []
-    files = {
-        "report.json": json.dumps(report, indent=2, sort_keys=True, allow_nan=False,
-                                  default=_json_default) + "\n",
-        "report.md": render_markdown(report),
-        "report.html": render_html(report, thumbs),
-    }
-    locations = []
-    for name, text in files.items():
-        at = storage.join(out_dir, name)
-        storage.write_text_atomic(at, text, s3)
-        locations.append(at)
-    return WrittenReport(report, tuple(locations))
-
-
-def _json_default(value: Any) -> Any:
-    if hasattr(value, "item"):  # numpy scalars
-        return value.item()
-    raise TypeError(f"report.json: cannot encode {type(value).__name__}")

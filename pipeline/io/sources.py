@@ -8,14 +8,16 @@ error rows later ("no label") rather than being dropped silently.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import posixpath
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from pipeline import storage
-from pipeline.storage import S3Options
+from pipeline.io import storage
+from pipeline.io.storage import S3Options
+from scalecert.errors import InvalidOption
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
 LAYOUTS = ("folder", "imagenet-val")
@@ -50,10 +52,19 @@ class Dataset:
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
-            raise ValueError(f"Dataset.layout {self.layout!r}: expected one of {LAYOUTS}")
+            raise InvalidOption(f"Dataset.layout {self.layout!r}: expected one of {LAYOUTS}")
 
     def __len__(self) -> int:
         return len(self.records)
+
+
+def listing_sha256(records: Iterable[ImageRecord]) -> str:
+    """sha256 over ``image_id<TAB>label`` of each record, in order: the dataset part of every
+    run fingerprint (certification and fine-tuning alike)."""
+    digest = hashlib.sha256()
+    for record in records:
+        digest.update(f"{record.image_id}\t{record.label}\n".encode())
+    return digest.hexdigest()
 
 
 def is_image_key(key: str) -> bool:
@@ -99,7 +110,7 @@ def open_dataset(
     root = storage.normalise(source)
     keys = [key for key in storage.list_files(root, s3) if is_image_key(key)]
     if not keys:
-        raise ValueError(
+        raise InvalidOption(
             f"{source}: no image files found (extensions {', '.join(sorted(IMAGE_EXTENSIONS))})"
         )
     class_list = _read_synsets(synsets, s3) if synsets is not None else None
@@ -116,7 +127,7 @@ def open_dataset(
             reason = f"no image is in a class folder named in {synsets}"
         else:
             reason = "no image is in a class folder; for a flat ImageNet folder pass ground_truth"
-        raise ValueError(f"{source}: {len(keys)} images but none labelled ({reason})")
+        raise InvalidOption(f"{source}: {len(keys)} images but none labelled ({reason})")
     records = tuple(
         ImageRecord(key, label, storage.join(root, key)) for key, label in zip(keys, labels)
     )
@@ -126,11 +137,11 @@ def open_dataset(
 def _read_synsets(location: str, s3: S3Options | None) -> tuple[str, ...]:
     names = [line.split()[0] for line in _text_lines(location, s3) if line.strip()]
     if not names:
-        raise ValueError(f"{location}: synsets file is empty")
+        raise InvalidOption(f"{location}: synsets file is empty")
     seen: set[str] = set()
     for name in names:
         if name in seen:
-            raise ValueError(f"{location}: synset {name!r} listed twice")
+            raise InvalidOption(f"{location}: synset {name!r} listed twice")
         seen.add(name)
     return tuple(names)
 
@@ -139,7 +150,7 @@ def _text_lines(location: str, s3: S3Options | None) -> list[str]:
     try:
         return storage.read_bytes(location, s3).decode("utf-8-sig").splitlines()
     except UnicodeDecodeError as exc:
-        raise ValueError(f"{location}: not a UTF-8 text file ({exc})") from exc
+        raise InvalidOption(f"{location}: not a UTF-8 text file ({exc})") from exc
 
 
 def _folder_labels(
@@ -170,20 +181,20 @@ def _csv_labels(
 ) -> tuple[tuple[str, ...], list[int]]:
     reader = csv.DictReader(io.StringIO("\n".join(lines)), skipinitialspace=True)
     if not reader.fieldnames or "PredictionString" not in reader.fieldnames:
-        raise ValueError(f"{ground_truth}: expected a header 'ImageId,PredictionString'")
+        raise InvalidOption(f"{ground_truth}: expected a header 'ImageId,PredictionString'")
     synset_of: dict[str, str] = {}
     for row_number, row in enumerate(reader, start=2):
         image, prediction = (row.get("ImageId") or "").strip(), (row.get("PredictionString") or "")
         tokens = prediction.split()
         if not image or not tokens:
-            raise ValueError(f"{ground_truth}: line {row_number} has no ImageId or no synset")
+            raise InvalidOption(f"{ground_truth}: line {row_number} has no ImageId or no synset")
         if synset_of.setdefault(image, tokens[0]) != tokens[0]:
-            raise ValueError(f"{ground_truth}: {image} has two synsets")
+            raise InvalidOption(f"{ground_truth}: {image} has two synsets")
     classes = class_list or tuple(sorted(set(synset_of.values())))
     index = {name: i for i, name in enumerate(classes)}
     unknown = sorted(set(synset_of.values()) - index.keys())
     if unknown:
-        raise ValueError(
+        raise InvalidOption(
             f"{ground_truth}: {len(unknown)} synsets not in the synsets file "
             f"(first: {unknown[0]}); the two files do not belong together"
         )
@@ -203,7 +214,7 @@ def _index_labels(
         positions = [int(match.group(1)) - 1 for match in numbers if match]
     else:
         if len(values) != len(keys):
-            raise ValueError(
+            raise InvalidOption(
                 f"{ground_truth}: {len(values)} labels for {len(keys)} images; line i labels "
                 "the i-th image in sorted order, so the counts must match"
             )
@@ -217,13 +228,19 @@ def _parse_indices(ground_truth: str, lines: Iterable[str], n_classes: int) -> I
         try:
             value = int(line.strip())
         except ValueError:
-            raise ValueError(
+            raise InvalidOption(
                 f"{ground_truth}: line {number} is {line.strip()!r}, expected one integer label "
                 "(or a CSV with header 'ImageId,PredictionString')"
             ) from None
         if not 1 <= value <= n_classes:
-            raise ValueError(
+            raise InvalidOption(
                 f"{ground_truth}: line {number} has label {value}, outside 1..{n_classes}; "
                 + _DEVKIT_NOTE
             )
         yield value
+
+
+def dataset_name(source: str) -> str:
+    """The last path component of a dataset source, safe as one S3 key segment."""
+    last = source.rstrip("/").rsplit("/", 1)[-1]
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", last).strip("-.") or "dataset"

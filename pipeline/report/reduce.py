@@ -41,15 +41,16 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from pipeline import storage
-from pipeline.certificates import read_metadata, read_table
-from pipeline.worker import part_location
+from pipeline.io import storage
+from pipeline.io.certificates import read_metadata, read_table
+from pipeline.run.worker import part_location
+from scalecert.errors import OutputConflict
 
 Z95 = 1.959963984540054
 NO_LABEL_NAME = "(no label)"
 
 
-class ReportRefused(ValueError):
+class ReportRefused(OutputConflict, ValueError):
     """The run cannot be reduced honestly (mixed fingerprints, rows that contradict the
     manifest, or two runs that are not of the same data)."""
 
@@ -194,7 +195,7 @@ def load_run(location: str, s3: storage.S3Options | None = None) -> RunData:
 
 
 def _empty_rows() -> pd.DataFrame:
-    from pipeline.certificates import SCHEMA
+    from pipeline.io.certificates import SCHEMA
 
     return SCHEMA.empty_table().to_pandas()
 

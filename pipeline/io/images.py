@@ -1,19 +1,25 @@
-"""Decoding and preprocessing of image bytes with Pillow (never torchvision).
+"""Reading, decoding and preprocessing labelled images with Pillow (never torchvision, no torch).
 
-Every way an input file can be unusable ends in :class:`ImageError` with a short reason, which
-the worker writes into the certificate row (status ``error``) instead of crashing the run.
+Every way an input can be unusable (unreadable, no label, a label the model lacks, an
+undecodable file) ends in one short reason (:func:`read_labelled`), which the certify worker
+writes into the certificate row (status ``error``) and fine-tuning lists as skipped, instead of
+crashing the run.
 Preprocessing matches torchvision's standard evaluation transforms on PIL images (``Resize``
 with bilinear interpolation, ``CenterCrop``) so accuracies compare with published ones.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
+
+from pipeline.io import storage
+from pipeline.io.sources import ImageRecord
+from scalecert.errors import InvalidOption
 
 MIN_SIDE = 8
 KINDS = ("imagenet", "exact")
@@ -41,15 +47,15 @@ class Preprocess:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ValueError(f"Preprocess.kind {self.kind!r}: expected one of {KINDS}")
+            raise InvalidOption(f"Preprocess.kind {self.kind!r}: expected one of {KINDS}")
         if not isinstance(self.size, int) or self.size < MIN_SIDE:
-            raise ValueError(f"Preprocess.size {self.size!r}: expected an int >= {MIN_SIDE}")
+            raise InvalidOption(f"Preprocess.size {self.size!r}: expected an int >= {MIN_SIDE}")
         if self.kind == "exact" and self.resize is not None:
-            raise ValueError(f"Preprocess: exact preprocessing takes no resize (got {self.resize})")
+            raise InvalidOption(f"Preprocess: exact preprocessing takes no resize (got {self.resize})")
         if self.kind == "imagenet" and (
             not isinstance(self.resize, int) or self.resize < self.size
         ):
-            raise ValueError(
+            raise InvalidOption(
                 f"Preprocess: imagenet preprocessing needs resize >= size ({self.size}), "
                 f"got {self.resize!r}"
             )
@@ -62,7 +68,7 @@ class Preprocess:
             return cls("imagenet", IMAGENET_SIZE, IMAGENET_RESIZE)
         if size == 32:
             return cls("exact", 32)
-        raise ValueError(
+        raise InvalidOption(
             f"no standard preprocessing for input size {size} (known: 224, 32); "
             "construct Preprocess(kind=..., size=..., resize=...) explicitly"
         )
@@ -149,18 +155,41 @@ def _fit(image: Image.Image, preprocess: Preprocess) -> np.ndarray:
     return np.array(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
-def to_batch(arrays: list[np.ndarray]) -> torch.Tensor:
-    """Stack ``H x W x 3`` uint8 arrays (all the same shape) into a float32 ``N x 3 x H x W``
-    tensor in [0, 1], the model's input space (normalisation is the model's first op)."""
-    if not arrays:
-        raise ValueError("to_batch: no arrays")
-    first = arrays[0].shape
-    for index, array in enumerate(arrays):
-        if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
-            raise ValueError(
-                f"to_batch: array {index} is {array.dtype} {array.shape}, expected uint8 HxWx3"
-            )
-        if array.shape != first:
-            raise ValueError(f"to_batch: array {index} is {array.shape}, array 0 is {first}")
-    stacked = torch.from_numpy(np.stack(arrays))  # N x H x W x 3, a fresh writable copy
-    return stacked.permute(0, 3, 1, 2).float().div_(255.0).contiguous()
+@dataclass(frozen=True)
+class ReadOutcome:
+    """One record read: its ``H x W x 3`` uint8 pixels, or the ``reason`` it has none; and the
+    sha256 of its bytes when they could be read (fine-tuning fingerprints the content)."""
+
+    pixels: np.ndarray | None
+    reason: str | None
+    sha256: str | None
+
+
+def label_problem(label: int, num_classes: int) -> str | None:
+    """Why ``label`` cannot be certified or trained on by a model of ``num_classes`` classes."""
+    if label < 0:
+        return "no label: the image is not in a class folder or the ground truth"
+    if label >= num_classes:
+        return f"label {label} is outside the model's {num_classes} classes"
+    return None
+
+
+def read_labelled(
+    record: ImageRecord, preprocess: Preprocess, num_classes: int,
+    s3: storage.S3Options | None = None, with_sha256: bool = False,
+) -> ReadOutcome:
+    """Read ``record``'s bytes, check its label and decode it: the one way every job (certify,
+    fine-tune, in-memory loading) turns a listed image into pixels or a reason.
+    ``with_sha256``: also hash the bytes (``sha256`` stays None otherwise)."""
+    try:
+        data = storage.read_bytes(record.location, s3)
+    except OSError as exc:
+        return ReadOutcome(None, f"cannot read {record.location}: {exc}", None)
+    digest = hashlib.sha256(data).hexdigest() if with_sha256 else None
+    problem = label_problem(record.label, num_classes)
+    if problem is not None:
+        return ReadOutcome(None, problem, digest)
+    try:
+        return ReadOutcome(decode(data, preprocess), None, digest)
+    except ImageError as exc:
+        return ReadOutcome(None, str(exc), digest)

@@ -38,17 +38,20 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from pipeline import storage
-from pipeline.images import ImageError, Preprocess, decode
-from pipeline.sources import Dataset, ImageRecord, open_dataset
-from pipeline.train_config import FinetuneRun
-from pipeline.worker import load_stored_model
-from scalecert import Certifier, __version__
-from scalecert.finetune import (
-    DefendedForward, augment, sample_windows, sgd_with_cosine_schedule, training_windows,
+from pipeline.compute.cluster import cluster_resources, init_ray, worker_layout
+from pipeline.compute.models import load_stored_model
+from pipeline.io import storage
+from pipeline.io.images import Preprocess, read_labelled
+from pipeline.io.sources import Dataset, ImageRecord, listing_sha256, open_dataset
+from pipeline.train.config import FinetuneRun
+from scalecert import __version__
+from scalecert.certify import Certifier
+from scalecert.training import (
+    DefendedForward, sgd_with_cosine_schedule, train_epoch, training_windows,
 )
 from scalecert.models.base import StagedClassifier
 from scalecert.models.registry import create_model, save_checkpoint
+from scalecert.errors import InvalidOption, OutputConflict, RunFailed
 
 MANIFEST = "finetune.json"
 MANIFEST_SCHEMA = "scalecert-finetune/1"
@@ -57,7 +60,7 @@ EVAL_BATCH = 256
 _FAIL_AFTER_EPOCH_ENV = "SCALECERT_TEST_FAIL_AFTER_EPOCH"  # tests: interrupt a run
 
 
-class FinetuneRefused(RuntimeError):
+class FinetuneRefused(OutputConflict):
     """The output folder holds another fine-tuning run."""
 
 
@@ -109,18 +112,9 @@ def load_slice(
     """Read and decode ``records`` (in threads); unusable ones are skipped with a reason."""
 
     def read(record: ImageRecord) -> tuple[str, np.ndarray | str]:
-        try:
-            data = storage.read_bytes(record.location, s3)
-        except OSError as exc:
-            return "unreadable", f"cannot read {record.location}: {exc}"
-        digest = hashlib.sha256(data).hexdigest()
-        if not 0 <= record.label < num_classes:
-            return digest, (f"label {record.label} is outside the model's {num_classes} classes"
-                            if record.label >= 0 else "no label: not in a class folder")
-        try:
-            return digest, decode(data, preprocess)
-        except ImageError as exc:
-            return digest, str(exc)
+        outcome = read_labelled(record, preprocess, num_classes, s3, with_sha256=True)
+        digest = outcome.sha256 or "unreadable"
+        return digest, outcome.pixels if outcome.pixels is not None else str(outcome.reason)
 
     with ThreadPoolExecutor(max_workers=max(2, threads)) as pool:
         outcomes = list(pool.map(read, records))
@@ -201,7 +195,7 @@ def train_worker(payload: dict[str, Any]) -> None:
     skipped = {k: v for part in shared for k, v in part[1].items()}
     usable = sum(part[2] for part in shared)
     if min(part[2] for part in shared) == 0:
-        raise ValueError(f"--data: a worker has no usable image ({usable} usable, "
+        raise InvalidOption(f"--data: a worker has no usable image ({usable} usable, "
                          f"{len(skipped)} skipped of {len(job.records)}); use fewer --workers")
     fingerprint = data_fingerprint(job.records, digests)
     evaluation = None
@@ -233,26 +227,15 @@ def train_worker(payload: dict[str, Any]) -> None:
             settings.seed * 1_000_003 + epoch * 1_009 + rank)
         order = torch.randperm(len(mine.labels), generator=generator)
         order = order.repeat(math.ceil(per_worker / len(order)))[:per_worker]
-        sums = torch.zeros(3, dtype=torch.float64)  # loss * n, correct, n
-        for step in range(steps):
-            index = order[step * local_batch:(step + 1) * local_batch]
-            batch = mine.images[index].float().div_(255.0)
-            if settings.augment:
-                batch = augment(batch, generator)
-            windows = sample_windows(len(index), boxes, settings.mask_probability, generator)
-            target = mine.labels[index].to(device)
-            logits = trained(batch.to(device).contiguous(memory_format=torch.channels_last),
-                             windows)
-            loss = torch.nn.functional.cross_entropy(logits, target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            sums += torch.tensor([float(loss.detach()) * len(index),
-                                  float((logits.argmax(1) == target).sum()), len(index)],
-                                 dtype=torch.float64)
+
+        def on_step(step: int, steps: int, epoch: int = epoch) -> None:
             if rank == 0 and job.progress is not None:
-                job.progress.put_nowait(("step", epoch, step + 1, steps))
+                job.progress.put_nowait(("step", epoch, step, steps))
+
+        totals = train_epoch(trained, mine.images, mine.labels, order, local_batch, boxes,
+                             settings, optimizer, schedule, generator, device, on_step)
+        sums = torch.tensor([totals.loss_sum, totals.correct, totals.images],
+                            dtype=torch.float64)  # loss * n, correct, n
         if world > 1:
             dist.all_reduce(sums)
         metrics: dict[str, Any] = {
@@ -281,11 +264,8 @@ def train_worker(payload: dict[str, Any]) -> None:
 
 
 def _manifest(run: FinetuneRun, dataset: Dataset, start_sha256: str | None) -> dict[str, Any]:
-    listing = hashlib.sha256()
-    for record in dataset.records:
-        listing.update(f"{record.image_id}\t{record.label}\n".encode())
     fields = {"options": run.fingerprint_fields(), "start_checkpoint_sha256": start_sha256,
-              "listing_sha256": listing.hexdigest(), "version": __version__}
+              "listing_sha256": listing_sha256(dataset.records), "version": __version__}
     fingerprint = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
     return {"schema": MANIFEST_SCHEMA, "fingerprint": fingerprint, **fields,
             "classes": list(dataset.classes), "images": len(dataset.records)}
@@ -325,19 +305,14 @@ def _ray_storage(run: FinetuneRun, s3: storage.S3Options) -> tuple[str, Any]:
 
 
 def _layout(run: FinetuneRun) -> tuple[int, float, bool]:
-    """(workers, CPUs per worker, use GPU) for the connected cluster."""
-    import ray
-
-    resources = ray.cluster_resources()
-    gpus, cpus = resources.get("GPU", 0.0), max(1.0, resources.get("CPU", 1.0))
-    use_gpu = run.device == "cuda" or (run.device == "auto" and gpus > 0)
-    if run.device == "cuda" and gpus <= 0:
-        raise ValueError("--device cuda: the Ray cluster has no GPUs")
-    workers = run.workers or (max(1, int(gpus)) if use_gpu else 1)
-    if run.batch_size % workers:
-        raise ValueError(f"--batch-size: {run.batch_size} is not a multiple of the "
-                         f"{workers} workers")
-    return workers, max(1.0, float(cpus // workers)), use_gpu
+    """(workers, CPUs per worker, use GPU) for the connected cluster, by the rules certify's
+    workers follow (:func:`~pipeline.compute.cluster.worker_layout`)."""
+    resources = cluster_resources(run.device, run.address)
+    layout = worker_layout(run.device, resources, run.workers, limit=1 << 30)
+    if run.batch_size % layout.workers:
+        raise InvalidOption(f"--batch-size: {run.batch_size} is not a multiple of the "
+                            f"{layout.workers} workers")
+    return layout.workers, max(1.0, layout.cpus), layout.device == "cuda"
 
 
 def _final_model(
@@ -384,8 +359,6 @@ def run_finetune(
     ``on_event`` receives the workers' progress while training runs: ``("step", epoch, step,
     steps)`` after each optimiser step and ``("epoch", metrics)`` after each epoch.
     """
-    from pipeline.driver import init_ray
-
     started = time.perf_counter()
     # Ray Train workers run in their own folders: every local path must be absolute
     run = replace(run, data=storage.normalise(run.data), out=storage.normalise(run.out),
@@ -401,7 +374,7 @@ def run_finetune(
     start = load_stored_model(run.model, run.checkpoint, s3)  # refuses bad weights before work
     image_side = start.input_size
     if len(dataset.classes) > start.num_classes:
-        raise ValueError(f"--data: {len(dataset.classes)} classes but model {run.model} has "
+        raise InvalidOption(f"--data: {len(dataset.classes)} classes but model {run.model} has "
                          f"{start.num_classes} outputs")
     run.finetune_config(image_side)
     manifest = _manifest(run, dataset, getattr(start, "checkpoint_sha256", None))
@@ -419,7 +392,7 @@ def run_finetune(
     from ray.util.queue import Queue
 
     if run.device == "cuda" and run.address is None and not torch.cuda.is_available():
-        raise ValueError("--device cuda: this machine has no CUDA device (torch sees none)")
+        raise InvalidOption("--device cuda: this machine has no CUDA device (torch sees none)")
     owned = init_ray(run.address)
     try:
         workers, cpus, use_gpu = _layout(run)  # refuses before anything is written
@@ -444,7 +417,7 @@ def run_finetune(
         if owned:
             ray.shutdown()
     if result.checkpoint is None:
-        raise RuntimeError(f"{run.out}: training ended without a checkpoint")
+        raise RunFailed(f"{run.out}: training ended without a checkpoint")
     model, history = _final_model(run, result.checkpoint, start.num_classes)
     metrics = result.metrics or {}
     skipped = json.loads(metrics.get("skipped", "{}"))
@@ -497,4 +470,4 @@ def _fit_or_explain(trainer: Any) -> Any:
         return trainer.fit()
     except TrainingFailedError as exc:
         print(f"training failed: {exc}", file=sys.stderr)
-        raise RuntimeError(f"training failed: {exc}") from None
+        raise RunFailed(f"training failed: {exc}") from exc

@@ -13,10 +13,11 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import PatchSize, load_yaml, positive_int, require
+from pipeline.run.config import PatchSize, load_yaml, positive_int, require
 from scalecert import CertConfig, available_models
 from scalecert.config import METHODS
-from scalecert.finetune import FinetuneConfig
+from scalecert.training import FinetuneConfig
+from scalecert.errors import InvalidOption
 
 _LIBRARY = FinetuneConfig(cert=CertConfig(patch_px=1))  # the library's training defaults
 
@@ -60,7 +61,7 @@ class FinetuneRun:
                 "a local path or s3:// URI")
         require(isinstance(self.out, str) and bool(self.out), "out", "a local path or s3:// URI")
         if self.model not in available_models():
-            raise ValueError(
+            raise InvalidOption(
                 f"--model: unknown model {self.model!r}; available: "
                 f"{', '.join(available_models())}"
             )
@@ -111,7 +112,7 @@ class FinetuneRun:
             return build()
         except ValueError as exc:  # "top_k: ..." -> "--top-k: ...", the flag the user knows
             name, _, rest = str(exc).partition(":")
-            raise ValueError(f"--{name.replace('_', '-')}:{rest}") from None
+            raise InvalidOption(f"--{name.replace('_', '-')}:{rest}") from None
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """The options that determine the trained weights (for the run fingerprint)."""
@@ -144,6 +145,6 @@ class FinetuneRun:
         values.update({k: v for k, v in overrides.items() if v is not None})
         missing = [name for name in ("data", "model", "out", "patch") if name not in values]
         if missing:
-            raise ValueError("missing required option(s): "
+            raise InvalidOption("missing required option(s): "
                              + ", ".join(f"--{name}" for name in missing))
         return cls(**values)

@@ -22,13 +22,14 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline import storage
-from pipeline.report import dataset_name
+from pipeline.io import storage
+from pipeline.io.sources import dataset_name
+from scalecert.errors import InvalidOption, RunFailed
 
 MAX_SINGLE_PUT = 5 * 1024 ** 3
 
 
-class ArchiveError(RuntimeError):
+class ArchiveError(RunFailed):
     """An object could not be uploaded or does not verify."""
 
 
@@ -43,7 +44,7 @@ class ArchiveResult:
 def archive_uri(prefix: str, manifest: dict[str, Any]) -> str:
     """The stable archive location of a run."""
     if not storage.is_s3(prefix):
-        raise ValueError(f"--archive {prefix!r}: expected s3://bucket/prefix")
+        raise InvalidOption(f"--archive {prefix!r}: expected s3://bucket/prefix")
     model = dataset_name(str(manifest["config"]["model"]))
     dataset = dataset_name(manifest["dataset"]["source"])
     return storage.join(storage.normalise(prefix), model, dataset, manifest["run_id"])

@@ -1,0 +1,87 @@
+"""Ray: connecting to it, and laying out workers over a cluster's resources.
+
+Shared by the certification driver (actors) and fine-tuning (Ray Train workers), so both
+place their workers by the same rules.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+from scalecert.errors import InvalidOption
+
+
+@dataclass(frozen=True)
+class WorkerLayout:
+    """How many workers, and what each one reserves in Ray and uses in torch."""
+
+    workers: int
+    cpus: float  # Ray CPUs per worker (below 1 when CPU workers outnumber the cores)
+    gpus: float
+    device: str
+    threads: int  # torch intra-op threads per worker
+
+
+def cpu_threads(workers: int, cpus: float) -> int:
+    """Torch threads per worker so that workers x threads never exceeds the cores (one thread
+    each once workers outnumber them)."""
+    return max(1, int(cpus // workers))
+
+
+def worker_layout(
+    device: str, resources: dict[str, float], workers: int | None, limit: int,
+    gpus_per_worker: float | None = None,
+) -> WorkerLayout:
+    """The worker pool for the cluster's ``resources``: ``workers`` if given, else one per GPU
+    (``gpus_per_worker`` each, default 1) or one CPU worker; at most ``limit`` (the shards, or
+    no limit for training). CPU workers split the cores between them: each reserves its share
+    (a fraction when there are more workers than cores, so that every worker is placed) and
+    runs :func:`cpu_threads` torch threads. ``device``: auto, cpu or cuda."""
+    gpus = resources.get("GPU", 0.0)
+    cpus = max(1.0, resources.get("CPU", 1.0))
+    use_gpu = device == "cuda" or (device == "auto" and gpus > 0)
+    if use_gpu:
+        if gpus <= 0:
+            raise InvalidOption("--device cuda: the Ray cluster has no GPUs")
+        per_worker = gpus_per_worker or 1.0
+        count = max(1, min(workers or max(1, int(gpus // per_worker)), limit))
+        share = max(1.0, min(4.0, cpus // count))
+        return WorkerLayout(count, share, per_worker, "cuda", int(share))
+    count = max(1, min(workers or 1, limit))
+    share = cpus / count if count > cpus else float(cpus // count)
+    return WorkerLayout(count, share, 0.0, "cpu", cpu_threads(count, cpus))
+
+
+def cluster_resources(device: str, address: str | None, timeout_s: float = 600.0) -> dict[str, float]:
+    """The connected cluster's resources. With ``device == "cuda"`` on an existing cluster,
+    wait (up to ``timeout_s``) for GPU nodes to join: an autoscaling cluster may start with
+    none."""
+    import ray
+
+    resources = ray.cluster_resources()
+    if device != "cuda" or address is None or resources.get("GPU", 0) > 0:
+        return resources
+    print("waiting for GPU workers to join the cluster ...", file=sys.stderr)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and resources.get("GPU", 0) <= 0:
+        time.sleep(5.0)
+        resources = ray.cluster_resources()
+    return resources
+
+
+def init_ray(address: str | None) -> bool:
+    """Connect to Ray: embedded local by default. True when this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if address is None:
+        ray.init(address="local", include_dashboard=False, logging_level="WARNING",
+                 log_to_driver=False)
+    else:
+        ray.init(address=address, logging_level="WARNING")
+    return True

@@ -1,0 +1,23 @@
+"""Models loaded from a storage location (local or s3://), for the certify workers and
+fine-tuning alike."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from pipeline.io import storage
+from scalecert.models import StagedClassifier, load_model
+
+
+def load_stored_model(
+    name: str, checkpoint: str | None, s3: storage.S3Options
+) -> StagedClassifier:
+    """Model ``name`` with ``checkpoint`` loaded (an ``s3://`` checkpoint is downloaded to a
+    temporary file first). ``model.checkpoint_sha256`` fingerprints the weights."""
+    if checkpoint is None or not storage.is_s3(checkpoint):
+        return load_model(name, checkpoint=checkpoint)
+    with tempfile.TemporaryDirectory(prefix="scalecert-ckpt-") as folder:
+        path = Path(folder) / Path(checkpoint).name
+        path.write_bytes(storage.read_bytes(checkpoint, s3))
+        return load_model(name, checkpoint=path)

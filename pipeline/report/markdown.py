@@ -1,0 +1,96 @@
+"""report.md: the report document as Markdown tables."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.report.reduce import ACCURACIES
+from pipeline.report.text import num, pct, signed_pp
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """report.md: the same content as report.json, as tables."""
+    run, comp = report["run"], report["completeness"]
+    out = [f"# ScaleCert report: run {run['run_id']}", "",
+           f"- model `{run['model']}`, checkpoint sha256 `{str(run['checkpoint_sha256'])[:16]}`",
+           f"- data `{run['dataset']['source']}` ({run['dataset']['images']} images listed, "
+           f"{run['image_side']} px)",
+           f"- shards: {comp['shards_present']} of {comp['shards_listed']} present"
+           + ("" if comp["complete"] else f"; **{len(comp['missing_shards'])} MISSING "
+              f"({comp['images_missing']} images counted as not certified)**"),
+           f"- errors: {report['errors']['images']} images with status error (counted as not "
+           "correct, not certified)", "",
+           "## Measured", "",
+           "Accuracies over all listed images with 95% Wilson intervals; false alerts over ok rows.",
+           "", "| method | patch | images | errors | vanilla | pruned | clean | certified | "
+           "false alerts | masks (eval. mean / p50 / p95 of total) | latency ms (mean / p50 / "
+           "p95) | images/s |", "|" + "---|" * 12]
+    for g in report["groups"]:
+        m, lat = g["masks"], g["latency_ms"]
+        out.append(
+            f"| {g['method']} | {g['patch_px']} px | {g['images']} | {g['error_images']} | "
+            f"{pct(g['vanilla_accuracy'])} | {pct(g['pruned_accuracy'])} | "
+            f"{pct(g['clean_accuracy'])} | {pct(g['certified_accuracy'])} | "
+            f"{pct(g['false_alert_rate'])} | {num(m['evaluated_mean'])} / "
+            f"{num(m['evaluated_p50'])} / {num(m['evaluated_p95'])} of {m['per_image']} | "
+            f"{num(lat['mean'], 2)} / {num(lat['p50'], 2)} / {num(lat['p95'], 2)} | "
+            f"{num(g['images_per_s'])} |")
+    out += ["", "images/s = 1000 / mean latency_ms (per-worker, from the rows).", ""]
+    if report["published"]:
+        out += ["## Published (not measured here)", "",
+                "| published | defense | model | dataset | patch | clean | certified | kind | source |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for p in report["published"]:
+            out.append(f"| published | {p['defense']} | {p['model'] or 'not stated'} | "
+                       f"{p['dataset']} | {p['patch_area_percent']:g}% ({p['patch_px']} px) | "
+                       f"{p['clean_accuracy']:.1f}% | {p['certified_accuracy']:.1f}% | "
+                       f"{p['kind']} | [{p['source']}]({p['url']}) {p['note']} |")
+        out.append("")
+    for g in report["groups"]:
+        out += [f"## Worst classes: {g['method']}, {g['patch_px']} px", "",
+                "| class | images | certified |", "|---|---|---|"]
+        out += [f"| {c['label']} {c['name']} | {c['certified_accuracy']['n']} | "
+                f"{pct(c['certified_accuracy'])} |" for c in g["worst_classes"]]
+        out.append("")
+    out += _problems_markdown(report)
+    if report["diff"] is not None:
+        out += diff_markdown(report["diff"])
+    return "\n".join(out) + "\n"
+
+
+def _problems_markdown(report: dict[str, Any]) -> list[str]:
+    out = []
+    missing = report["completeness"]["missing_shards"]
+    if missing:
+        out += ["## Missing shards", "", "| shard | images | first | last |", "|---|---|---|---|"]
+        out += [f"| {m['index']} | {m['images']} | {m['first']} | {m['last']} |" for m in missing]
+        out.append("")
+    items = report["errors"]["items"]
+    out += [f"## Errors ({len(items)} images)", ""]
+    out += [f"- `{e['image_id']}`: {e['error']}" for e in items] or ["none"]
+    alerts = report["clean_alerts"]
+    out += ["", f"## Alerts on clean images ({alerts['total']} rows)", ""]
+    out += [f"- `{a['image_id']}` {a['method']} {a['patch_px']} px: box {a['alert_box']}"
+            for a in alerts["items"][:50]] or ["none"]
+    return out + [""]
+
+
+def diff_markdown(diff: dict[str, Any]) -> list[str]:
+    out = [f"## Audit diff against {diff['against']} (run {diff['against_run_id']})", "",
+           f"Deltas are this run minus the other, {diff['interval']}. Fails when certified "
+           f"accuracy drops by more than {diff['max_drop_pp']:g} pp: "
+           f"**{'FAILED' if diff['failed'] else 'passed'}**.", "",
+           "| method | patch | " + " | ".join(a.replace("_", " ") for a in ACCURACIES)
+           + " | lost / gained cert. | verdict |", "|" + "---|" * (len(ACCURACIES) + 4)]
+    for g in diff["groups"]:
+        out.append(f"| {g['method']} | {g['patch_px']} px | "
+                   + " | ".join(signed_pp(g[a]) for a in ACCURACIES)
+                   + f" | {len(g['lost_certification'])} / {len(g['gained_certification'])} | "
+                   f"{'FAILED' if g['failed'] else 'ok'} |")
+    for g in diff["groups"]:
+        for what in ("lost_certification", "gained_certification"):
+            if g[what]:
+                out.append(f"- {g['method']} {g['patch_px']} px {what.replace('_', ' ')}: "
+                           + ", ".join(f"`{i}`" for i in g[what]))
+    return out + [""]
+

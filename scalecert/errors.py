@@ -1,0 +1,30 @@
+"""The errors the project raises on purpose, each with a message meant for the user.
+
+Everything else (a bug in the project, in torch, in Ray) is not one of these, and the command
+line lets it through with its traceback instead of printing it as if the user had erred.
+"""
+
+from __future__ import annotations
+
+
+class Refusal(Exception):
+    """A request refused before (or instead of) doing the work; ``str()`` says why, naming the
+    option, input or location at fault."""
+
+
+class InvalidOption(Refusal, ValueError):
+    """An option or input that is wrong in itself: a bad value, a missing file, a shape that
+    does not fit. A ``ValueError`` too, so callers of the library can catch it as one."""
+
+
+class OutputConflict(Refusal):
+    """The output location holds results that this run must not mix with or overwrite."""
+
+
+class RunFailed(Refusal):
+    """Work that started could not finish (a shard that kept killing its worker, training
+    that failed, rows that do not add up); the message says what and where."""
+
+
+class MissingInput(InvalidOption, FileNotFoundError):
+    """A file or folder named by the user that does not exist (a ``FileNotFoundError`` too)."""
