@@ -62,14 +62,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, cifar10_folder, class_subset  # noqa: E402
 
-from pipeline.run.config import RunConfig  # noqa: E402
 from pipeline.compute.batches import load_image_folder  # noqa: E402
-from pipeline.run.driver import cpu_threads, init_ray, run_certification  # noqa: E402
+from pipeline.compute.cluster import cpu_threads, init_ray  # noqa: E402
+from pipeline.run.config import RunConfig  # noqa: E402
+from pipeline.run.driver import run_certification  # noqa: E402
 from pipeline.run.worker import ShardSummary  # noqa: E402
 from scalecert import CertConfig, Certifier, CertifyResult, load_model  # noqa: E402
 from scalecert.certify import NOT_EVALUATED  # noqa: E402
-from scalecert.precision import FastPath  # noqa: E402
 from scalecert.models.base import StagedClassifier  # noqa: E402
+from scalecert.precision import FastPath  # noqa: E402
 
 METHODS = ("scalecert", "masking")
 OUTCOMES = ("prediction", "certified", "clean_output", "alert_box", "recovered_prediction")

@@ -174,11 +174,11 @@ def finetune_command(config_path: str | None, quiet: bool, **options: Any) -> No
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def demo_command(out: str, workdir: str, quiet: bool) -> None:
     """The embedded default: synthetic data, a SIN-trained model, local Ray, Parquet in runs/."""
-    from pipeline.run.config import RunConfig
+    import torch
+
     from pipeline.demo.model import demo_cert_config, train_demo_model
     from pipeline.demo.synthetic import write_synthetic_dataset
-
-    import torch
+    from pipeline.run.config import RunConfig
 
     torch.set_num_threads(os.cpu_count() or 1)
     work = Path(workdir)
@@ -230,9 +230,9 @@ def report_command(run: str, against: str | None, max_drop: float, archive: str 
     """
     from pipeline.io import storage
     from pipeline.report.archive import archive_run
+    from pipeline.report.figures import build_report
     from pipeline.report.published import load_published
     from pipeline.report.reduce import load_run
-    from pipeline.report.figures import build_report
     from pipeline.report.text import pct, signed_pp
     from pipeline.report.write import write_report
 

@@ -20,6 +20,7 @@ _EXPORTS = {
     "ALERT": "scalecert.certify",
     "NOT_EVALUATED": "scalecert.certify",
     "Certifier": "scalecert.certify",
+    "CertifierGroup": "scalecert.certify",
     "CertifyResult": "scalecert.certify",
     "DetectResult": "scalecert.certify",
     "certify_many": "scalecert.certify",

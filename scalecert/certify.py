@@ -18,12 +18,12 @@ import torch
 
 from scalecert.baselines import OcclusionPredictor
 from scalecert.config import CertConfig
+from scalecert.errors import InvalidOption
 from scalecert.masks import MaskFamily
 from scalecert.models.base import StagedClassifier
 from scalecert.occlusion import EMPTY_BOX, MaskedPredictor, PreparedBatch, SinPredictor
 from scalecert.precision import FastPath, GRunner
 from scalecert.precision import margins as logit_margins  # not `margins`: a local name below
-from scalecert.errors import InvalidOption
 
 ALERT = -1
 NOT_EVALUATED = -2  # mask_predictions entry of a window left unrun (full_map=False, r = 1)

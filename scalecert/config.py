@@ -6,6 +6,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
+
 from scalecert.errors import InvalidOption
 
 METHODS = ("scalecert", "masking")

@@ -18,6 +18,7 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import nn
+
 from scalecert.errors import InvalidOption
 
 Span = tuple[int, int]  # inclusive [lo, hi] interval of input pixels on one axis

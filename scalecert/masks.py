@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+
 from scalecert.errors import InvalidOption
 
 Box = tuple[int, int, int, int]  # (top, left, bottom, right), ends exclusive

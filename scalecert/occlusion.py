@@ -9,8 +9,8 @@ baseline (in :mod:`scalecert.baselines`) implements the same one with pixel occl
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch

@@ -36,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
 from scalecert.errors import InvalidOption
 
 PRECISIONS = ("fp32", "bf16")

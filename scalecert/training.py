@@ -22,11 +22,11 @@ from torch import nn
 
 from scalecert.baselines import box_masks
 from scalecert.config import CertConfig
+from scalecert.errors import InvalidOption
 from scalecert.geometry import Footprints
 from scalecert.masks import MaskFamily
 from scalecert.models.base import StagedClassifier
 from scalecert.sin import keep_count, keep_positions, prune, selection_order, sin_scores
-from scalecert.errors import InvalidOption
 
 
 @dataclass(frozen=True)

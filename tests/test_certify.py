@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from support import randomize_batchnorm
+
 from scalecert import ALERT, CertConfig, Certifier, create_model
 from scalecert.baselines import OcclusionPredictor, box_masks
 from scalecert.certify import NOT_EVALUATED, detect_outcome

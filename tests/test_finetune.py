@@ -10,10 +10,14 @@ import torch
 
 from pipeline.compute.batches import load_image_folder
 from scalecert import CertConfig, Certifier, create_model, load_model
-from scalecert.training import (
-    DefendedForward, FinetuneConfig, augment, finetune, sample_windows,
-)
 from scalecert.models import save_checkpoint
+from scalecert.training import (
+    DefendedForward,
+    FinetuneConfig,
+    augment,
+    finetune,
+    sample_windows,
+)
 
 
 @pytest.mark.parametrize(("values", "field"), [

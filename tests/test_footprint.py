@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-
 from support import randomize_batchnorm
+
 from scalecert.geometry import footprint, receptive_field
 from scalecert.models import create_model
 

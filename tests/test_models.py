@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import randomize_batchnorm
 from torch import nn
 
-from support import randomize_batchnorm
 from scalecert.models import (
     StagedClassifier,
     available_models,

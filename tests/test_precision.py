@@ -16,8 +16,8 @@ from click.testing import CliRunner
 from torch import nn
 
 from pipeline import cli
-from pipeline.run.config import RunConfig
 from pipeline.compute.batches import load_image_folder
+from pipeline.run.config import RunConfig
 from pipeline.run.worker import ShardWorker, WorkerSettings
 from scalecert import CertConfig, Certifier, load_model
 from scalecert.precision import DEFAULT_TOLERANCE, FP32_TOLERANCE, FastPath, GRunner

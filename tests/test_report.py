@@ -21,9 +21,9 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline.report.archive import archive_run
-from pipeline.io.certificates import table_from_dicts, to_parquet_bytes
 from pipeline.cli import main
+from pipeline.io.certificates import table_from_dicts, to_parquet_bytes
+from pipeline.report.archive import archive_run
 from pipeline.report.published import load_published
 from pipeline.report.reduce import newcombe_paired, wilson
 

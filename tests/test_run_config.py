@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.run.config import PatchSize, RunConfig
+from pipeline.options import PatchSize
+from pipeline.run.config import RunConfig
 
 BASE = {"data": "images/", "model": "cifar_resnet20", "out": "runs/x", "patches": ("2.4%",)}
 

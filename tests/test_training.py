@@ -14,13 +14,17 @@ import torch
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from pipeline.train.config import FinetuneRun
-from pipeline.train.trainer import (
-    FinetuneRefused, data_fingerprint, final_checkpoint_location, load_slice, run_finetune,
-)
 from pipeline.io.images import Preprocess
 from pipeline.io.sources import open_dataset
 from pipeline.io.storage import S3Options
+from pipeline.train.config import FinetuneRun
+from pipeline.train.trainer import (
+    FinetuneRefused,
+    data_fingerprint,
+    final_checkpoint_location,
+    load_slice,
+    run_finetune,
+)
 from scalecert.models.registry import file_sha256, load_model
 from tests.support import copy_class_subset
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from pipeline.compute.batches import load_image_folder
 
+from pipeline.compute.batches import load_image_folder
 from scalecert.models import load_model
 
 # Measured on the shared test JPEGs (10,000 images): 8,103 and 8,320 correct.

@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 from support import copy_class_subset
 
-from pipeline.run.config import RunConfig
 from pipeline.compute.batches import load_image_folder
 from pipeline.io.sources import ImageRecord, open_dataset
+from pipeline.run.config import RunConfig
 from pipeline.run.worker import ShardTask, ShardWorker, WorkerSettings, part_location
 from scalecert import CertConfig, Certifier, load_model
 

@@ -22,9 +22,9 @@ import torch
 import scalecert
 from pipeline.compute.batches import load_image_folder
 from scalecert import CertConfig, create_model
-from scalecert.training import EpochMetrics, FinetuneConfig, finetune
-from scalecert.models import save_checkpoint
 from scalecert.errors import InvalidOption
+from scalecert.models import save_checkpoint
+from scalecert.training import EpochMetrics, FinetuneConfig, finetune
 
 _MODEL = "cifar_resnet20"
 _SIDECAR_FORMAT = "scalecert-demo-model"

@@ -11,7 +11,6 @@ any 9 x 9 window masked. No class differs from another by a small local feature.
 
 Generation is a pure function of ``seed``: image ``i`` of class ``c`` in split ``s`` is drawn
 from its own ``numpy.random.Generator`` seeded with ``(version, seed, s, c, i)``, so the bytes do
-from scalecert.errors import InvalidOption
 not depend on the order of generation, and a larger count only appends images. The dataset is
 built in a temporary sibling folder and renamed into place; ``root/synthetic.json`` (written
 last) describes it, so an interrupted run is never mistaken for a complete one.
@@ -31,6 +30,8 @@ from typing import Callable
 
 import numpy as np
 from PIL import Image
+
+from scalecert.errors import InvalidOption
 
 _FORMAT_NAME = "scalecert-synthetic-textures"
 _FORMAT_VERSION = 1

@@ -12,9 +12,11 @@ import os
 import re
 import uuid
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
+
 from scalecert.errors import InvalidOption, MissingInput
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
@@ -40,26 +42,36 @@ class S3Options:
         if self.endpoint is not None:
             _parse_endpoint(self.endpoint)  # fail at construction, not at first use
 
+    def resolved_endpoint(self) -> str | None:
+        """The endpoint URL in force: ``endpoint``, else ``AWS_ENDPOINT_URL_S3`` or
+        ``AWS_ENDPOINT_URL``, else None (AWS proper)."""
+        return (self.endpoint or os.environ.get("AWS_ENDPOINT_URL_S3")
+                or os.environ.get("AWS_ENDPOINT_URL") or None)
+
+    @staticmethod
+    def region() -> str:
+        return os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or DEFAULT_REGION
+
     def filesystem(self) -> pafs.S3FileSystem:
-        """A pyarrow S3 filesystem for these options and the current environment."""
-        endpoint = (
-            self.endpoint
-            or os.environ.get("AWS_ENDPOINT_URL_S3")
-            or os.environ.get("AWS_ENDPOINT_URL")
-            or None
-        )
-        region = (
-            os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or DEFAULT_REGION
-        )
+        """A pyarrow S3 filesystem for these options and the current environment (all data
+        I/O)."""
+        endpoint = self.resolved_endpoint()
         # allow_delayed_open: without it pyarrow starts a multipart upload (3 requests) for every
         # output stream, however small; with it, small writes are one PutObject. Reads still
         # check existence on open.
         if endpoint is None:
-            return pafs.S3FileSystem(region=region, allow_delayed_open=True)
+            return pafs.S3FileSystem(region=self.region(), allow_delayed_open=True)
         scheme, host = _parse_endpoint(endpoint)
         return pafs.S3FileSystem(
-            endpoint_override=host, scheme=scheme, region=region, allow_delayed_open=True
+            endpoint_override=host, scheme=scheme, region=self.region(), allow_delayed_open=True
         )
+
+    def client(self) -> Any:
+        """A boto3 S3 client for the same endpoint and region (the archive needs PutObject with
+        Content-MD5 and HeadObject, which pyarrow does not expose)."""
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.resolved_endpoint(), region_name=self.region())
 
 
 def _parse_endpoint(endpoint: str) -> tuple[str, str]:

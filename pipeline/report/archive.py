@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,15 +47,6 @@ def archive_uri(prefix: str, manifest: dict[str, Any]) -> str:
     model = dataset_name(str(manifest["config"]["model"]))
     dataset = dataset_name(manifest["dataset"]["source"])
     return storage.join(storage.normalise(prefix), model, dataset, manifest["run_id"])
-
-
-def _client(s3: storage.S3Options | None) -> Any:
-    import boto3
-
-    endpoint = ((s3.endpoint if s3 else None) or os.environ.get("AWS_ENDPOINT_URL_S3")
-                or os.environ.get("AWS_ENDPOINT_URL") or None)
-    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
-    return boto3.client("s3", endpoint_url=endpoint, region_name=region)
 
 
 def _bucket_key(uri: str) -> tuple[str, str]:
@@ -105,7 +95,7 @@ def archive_run(run: str, prefix: str, s3: storage.S3Options | None = None) -> A
     manifest = json.loads(storage.read_bytes(storage.join(run, "manifest.json"), s3))
     uri = archive_uri(prefix, manifest)
     bucket, base = _bucket_key(uri)
-    client = _client(s3)
+    client = (s3 or storage.S3Options()).client()
     names = [n for n in storage.list_files(run, s3)
              if not any(part.startswith(".") for part in n.split("/"))]
     uploaded, unchanged = [], []

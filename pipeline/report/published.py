@@ -15,6 +15,7 @@ import math
 from dataclasses import asdict, dataclass
 from importlib import resources
 from typing import Any
+
 from scalecert.errors import InvalidOption
 
 DATA_FILE = "published_results.json"

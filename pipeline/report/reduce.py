@@ -42,8 +42,7 @@ import pandas as pd
 import pyarrow as pa
 
 from pipeline.io import storage
-from pipeline.io.certificates import read_metadata, read_table
-from pipeline.run.worker import part_location
+from pipeline.io.certificates import part_location, read_metadata, read_table
 from scalecert.errors import OutputConflict
 
 Z95 = 1.959963984540054

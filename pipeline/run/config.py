@@ -8,54 +8,17 @@ can be resumed with another cluster shape.
 
 from __future__ import annotations
 
-import math
-import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from scalecert import CertConfig, available_models
-from scalecert.config import METHODS
-from scalecert.precision import FastPath
+from pipeline.options import PatchSize, as_flag_errors, load_yaml, positive_int, require
+from scalecert.config import METHODS, CertConfig
 from scalecert.errors import InvalidOption
-
-_PATCH = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(%|px)?\s*$")
-
-
-@dataclass(frozen=True)
-class PatchSize:
-    """A patch side in pixels (``32``, ``32px``) or a share of the image area (``2%``)."""
-
-    value: float
-    percent: bool
-
-    @classmethod
-    def parse(cls, text: str | int | float) -> "PatchSize":
-        match = _PATCH.match(str(text))
-        if not match:
-            raise InvalidOption(f"patch: {text!r} is neither pixels (32) nor a percentage (2%)")
-        value, unit = float(match.group(1)), match.group(2)
-        if unit == "%":
-            if not 0 < value < 100:
-                raise InvalidOption(f"patch: {text!r} must be a percentage in (0, 100)")
-            return cls(value, True)
-        if value != int(value) or value < 1:
-            raise InvalidOption(f"patch: {text!r} must be a whole number of pixels >= 1")
-        return cls(value, False)
-
-    def pixels(self, side: int) -> int:
-        """Side in pixels on a ``side x side`` image: for a percentage, the smallest side whose
-        square covers that share of the area, to 0.1 px (the literature's convention:
-        1/2/3% of 224 are 23/32/39 px, 0.4%/2.4% of 32 are 2/5 px)."""
-        if not self.percent:
-            return int(self.value)
-        return max(1, math.ceil(math.sqrt(self.value / 100.0) * side - 0.1))
-
-    def __str__(self) -> str:
-        return f"{self.value:g}%" if self.percent else f"{int(self.value)}"
+from scalecert.models import available_models
+from scalecert.precision import FastPath
 
 
 @dataclass(frozen=True)
@@ -132,14 +95,10 @@ class RunConfig:
 
     def cert_config(self, patch_px: int, method: str) -> CertConfig:
         """The library configuration for one (patch size in pixels, method)."""
-        try:
-            return CertConfig(
-                patch_px=patch_px, top_k=self.top_k, masks_per_axis=self.masks_per_axis,
-                r=self.r, method=method, layer=self.layer, margin=self.margin,
-            )
-        except ValueError as exc:  # "top_k: ..." -> "--top-k: ...", the flag the user knows
-            name, _, rest = str(exc).partition(":")
-            raise InvalidOption(f"--{name.replace('_', '-')}:{rest}") from None
+        return as_flag_errors(lambda: CertConfig(
+            patch_px=patch_px, top_k=self.top_k, masks_per_axis=self.masks_per_axis,
+            r=self.r, method=method, layer=self.layer, margin=self.margin,
+        ))
 
     def g_batch_size(self, device: str) -> int:
         """(image, mask) pairs per run of g on ``device``: ``batch_size``, or by default 256 on
@@ -177,7 +136,8 @@ class RunConfig:
         ``overrides`` (flags the user gave) taking precedence."""
         values: dict[str, Any] = {}
         if yaml_path is not None:
-            values.update(load_yaml(yaml_path))
+            known = frozenset({f.name for f in fields(cls)} | {"patch", "method"})
+            values.update(load_yaml(yaml_path, known))
         values.update({k: v for k, v in overrides.items() if v is not None})
         for plural, singular in (("patches", "patch"), ("methods", "method")):
             if singular in values:
@@ -191,42 +151,5 @@ class RunConfig:
         return cls(**values)
 
 
-def load_yaml(path: str | Path, known: frozenset[str] | None = None) -> dict[str, Any]:
-    """Read a run YAML file: a mapping of option names (``top-k`` or ``top_k``) to values.
-
-    ``known``: the accepted names (underscored); default: the options of ``scalecert certify``.
-    """
-    path = Path(path)
-    try:
-        loaded = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise InvalidOption(f"config: cannot read {path}: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:
-        raise InvalidOption(f"config: {path} is not valid YAML: {exc}") from None
-    if loaded is None:
-        return {}
-    if not isinstance(loaded, dict):
-        raise InvalidOption(f"config: {path} must hold a mapping of option names to values")
-    if known is None:
-        known = frozenset({f.name for f in fields(RunConfig)} | {"patch", "method"})
-    values = {}
-    for key, value in loaded.items():
-        name = str(key).replace("-", "_")
-        if name not in known:
-            raise InvalidOption(f"config: {path}: unknown option {key!r}")
-        values[name] = tuple(value) if isinstance(value, list) else value
-    return values
-
-
 def _jsonable(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
-
-
-def require(condition: bool, option: str, expected: str) -> None:
-    if not condition:
-        raise InvalidOption(f"--{option}: expected {expected}")
-
-
-def positive_int(value: Any, option: str) -> None:
-    require(not isinstance(value, bool) and isinstance(value, int) and value >= 1, option,
-             f"an integer >= 1, got {value!r}")

@@ -17,15 +17,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
-
 import pyarrow as pa
+import torch
 
 from pipeline.compute.batches import to_batch
 from pipeline.compute.models import load_stored_model
 from pipeline.io import storage
 from pipeline.io.certificates import (
-    RowContext, error_rows, part_location, rows_table, to_parquet_bytes,
+    RowContext,
+    error_rows,
+    part_location,
+    rows_table,
+    to_parquet_bytes,
 )
 from pipeline.io.images import Preprocess, read_labelled
 from pipeline.io.sources import ImageRecord

@@ -13,11 +13,11 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from pipeline.run.config import PatchSize, load_yaml, positive_int, require
-from scalecert import CertConfig, available_models
-from scalecert.config import METHODS
-from scalecert.training import FinetuneConfig
+from pipeline.options import PatchSize, as_flag_errors, load_yaml, positive_int, require
+from scalecert.config import METHODS, CertConfig
 from scalecert.errors import InvalidOption
+from scalecert.models import available_models
+from scalecert.training import FinetuneConfig
 
 _LIBRARY = FinetuneConfig(cert=CertConfig(patch_px=1))  # the library's training defaults
 
@@ -91,7 +91,7 @@ class FinetuneRun:
 
     def cert_config(self, image_side: int) -> CertConfig:
         """The certification setting trained for, on ``image_side`` x ``image_side`` inputs."""
-        return self._flag_errors(lambda: CertConfig(
+        return as_flag_errors(lambda: CertConfig(
             patch_px=PatchSize.parse(self.patch).pixels(image_side), top_k=self.top_k,
             masks_per_axis=self.masks_per_axis, r=self.r, method=self.method, layer=self.layer,
         ))
@@ -99,20 +99,12 @@ class FinetuneRun:
     def finetune_config(self, image_side: int) -> FinetuneConfig:
         """The library's training settings for ``image_side`` x ``image_side`` inputs."""
         cert = self.cert_config(image_side)
-        return self._flag_errors(lambda: FinetuneConfig(
+        return as_flag_errors(lambda: FinetuneConfig(
             cert=cert, epochs=self.epochs, batch_size=self.batch_size, lr=float(self.lr),
             momentum=float(self.momentum), weight_decay=float(self.weight_decay),
             mask_probability=float(self.mask_probability), augment=bool(self.augment),
             seed=self.seed,
         ))
-
-    @staticmethod
-    def _flag_errors(build: Any) -> Any:
-        try:
-            return build()
-        except ValueError as exc:  # "top_k: ..." -> "--top-k: ...", the flag the user knows
-            name, _, rest = str(exc).partition(":")
-            raise InvalidOption(f"--{name.replace('_', '-')}:{rest}") from None
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """The options that determine the trained weights (for the run fingerprint)."""

@@ -46,12 +46,15 @@ from pipeline.io.sources import Dataset, ImageRecord, listing_sha256, open_datas
 from pipeline.train.config import FinetuneRun
 from scalecert import __version__
 from scalecert.certify import Certifier
-from scalecert.training import (
-    DefendedForward, sgd_with_cosine_schedule, train_epoch, training_windows,
-)
+from scalecert.errors import InvalidOption, OutputConflict, RunFailed
 from scalecert.models.base import StagedClassifier
 from scalecert.models.registry import create_model, save_checkpoint
-from scalecert.errors import InvalidOption, OutputConflict, RunFailed
+from scalecert.training import (
+    DefendedForward,
+    sgd_with_cosine_schedule,
+    train_epoch,
+    training_windows,
+)
 
 MANIFEST = "finetune.json"
 MANIFEST_SCHEMA = "scalecert-finetune/1"

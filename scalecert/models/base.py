@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from scalecert.geometry import Geometry, geometry_of
 from scalecert.errors import InvalidOption
+from scalecert.geometry import Geometry, geometry_of
 
 
 class Normalize(nn.Module):

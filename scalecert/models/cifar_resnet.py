@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scalecert.errors import InvalidOption
 from scalecert.geometry import Chain, Geometry, Parallel, Window, geometry_of
 from scalecert.models.base import Normalize, StagedClassifier
-from scalecert.errors import InvalidOption
 
 # The akamaster checkpoints were trained with ImageNet statistics, so both models use them.
 CIFAR_MEAN = (0.485, 0.456, 0.406)

@@ -22,10 +22,10 @@ from types import MappingProxyType
 import torch
 from torch import nn
 
+from scalecert.errors import InvalidOption, MissingInput
 from scalecert.models.base import StagedClassifier
 from scalecert.models.cifar_resnet import CifarResNet, CifarResNet18
 from scalecert.models.resnet import resnet18, resnet50
-from scalecert.errors import InvalidOption, MissingInput
 
 # name -> constructor taking ``num_classes`` (keyword, optional: each has its own default).
 _MODELS: Mapping[str, Callable[..., StagedClassifier]] = MappingProxyType(
