@@ -357,3 +357,81 @@ def test_shell_scripts_parse() -> None:
     for script in (AUDIT_SH, DEPLOY / "local_cluster_job.sh"):
         assert os.access(script, os.X_OK), script
         subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+# --- local_cluster_job.sh: ending its own cluster -----------------------------------------------
+
+_SLEEPER = "import time; time.sleep(300)"
+_STUBBORN = ("import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+             f"print(subprocess.Popen([sys.executable, '-c', {_SLEEPER!r}]).pid, flush=True); "
+             "time.sleep(300)")
+
+
+def test_local_cluster_end_signals_that_clusters_processes_only(tmp_path) -> None:
+    """`local_cluster_job.sh --end DIR` on real processes (no Ray needed to pick them): one that
+    names a session dir under DIR and ignores SIGTERM (SIGKILLed after RAY_END_GRACE), its child
+    that names nothing (as Ray's renamed workers), a polite one; bystanders naming a sibling temp
+    dir or /tmp/ray keep running."""
+    from support import pid_alive
+
+    temp_dir = tmp_path / "rc"
+    temp_dir.mkdir()
+    spawn = lambda code, arg, **kw: subprocess.Popen(  # noqa: E731
+        [sys.executable, "-c", code, arg], **kw)
+    stubborn = spawn(_STUBBORN, f"--session-dir={temp_dir}/session_1", stdout=subprocess.PIPE,
+                     text=True)
+    child = int(stubborn.stdout.readline())
+    polite = spawn(_SLEEPER, f"--log-dir={temp_dir}/session_1/logs")
+    bystanders = [spawn(_SLEEPER, f"--session-dir={temp_dir}x/session_1"),
+                  spawn(_SLEEPER, "--session-dir=/tmp/ray/session_1")]
+    try:
+        ended = subprocess.run([str(DEPLOY / "local_cluster_job.sh"), "--end", str(temp_dir)],
+                               env={**os.environ, "RAY_END_GRACE": "1"}, capture_output=True,
+                               text=True, timeout=60)
+        assert ended.returncode == 0, ended.stdout + ended.stderr
+        assert f"SIGKILL to {stubborn.pid} " in ended.stderr, ended.stderr
+        assert stubborn.wait(timeout=10) == -9 and polite.wait(timeout=10) == -15
+        assert not pid_alive(child)
+        assert all(p.poll() is None for p in bystanders)
+    finally:
+        for process in [stubborn, polite, *bystanders]:
+            process.kill()
+            process.wait()
+        if pid_alive(child):
+            os.kill(child, 9)
+
+
+def test_local_cluster_job_refuses_a_temp_dir_other_ray_processes_use(tmp_path) -> None:
+    """A temp dir some running Ray already uses (say /tmp/ray) is refused before anything
+    starts: ending this cluster would end those processes too."""
+    temp_dir = tmp_path / "shared-ray"
+    temp_dir.mkdir()
+    theirs = subprocess.Popen(
+        [sys.executable, "-c", _SLEEPER, f"--session-dir={temp_dir}/session_1"])
+    try:
+        refused = subprocess.run([str(DEPLOY / "local_cluster_job.sh"), "--data", "x"],
+                                 env={**os.environ, "RAY_TEMP_DIR": str(temp_dir)},
+                                 capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        assert "give this cluster a temp dir of its own" in refused.stderr
+        assert theirs.poll() is None
+    finally:
+        theirs.kill()
+        theirs.wait()
+
+
+_RAY_STOP = re.compile(r"""\bray\s+stop\b|['"]ray['"]\s*,\s*['"]stop['"]""")
+
+
+def test_no_script_or_test_runs_ray_stop() -> None:
+    """`ray stop` ends every Ray process of the machine: scripts and tests end their own
+    clusters instead (ray_cluster.yaml, for dedicated VMs, may use it)."""
+    bench, tests = REPO / "bench", REPO / "tests"
+    files = [*DEPLOY.rglob("*.sh"), *bench.rglob("*.sh"), *bench.rglob("*.py"),
+             *tests.rglob("*.py"), REPO / "Makefile", *(REPO / ".ci").iterdir()]
+    offending = [f"{path.relative_to(REPO)}:{number}: {line.strip()}"
+                 for path in files if path.is_file()
+                 for number, line in enumerate(path.read_text().splitlines(), 1)
+                 if _RAY_STOP.search(line) and not line.lstrip().startswith("#")
+                 and not (path.suffix == ".py" and "`ray stop`" in line)]
+    assert not offending, offending

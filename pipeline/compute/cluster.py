@@ -72,6 +72,26 @@ def cluster_resources(device: str, address: str | None, timeout_s: float = 600.0
     return resources
 
 
+def _quiet_embedded_token_auth() -> None:
+    """Token auth for an embedded local instance, as Ray 2.60 picks by default, without its
+    advice to opt out.
+
+    With ``RAY_AUTH_MODE`` unset, ``ray.init()`` of a new local instance turns token auth on and
+    logs "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to
+    opt out." (``enable_token_auth_by_default`` in
+    ``ray/_private/authentication/authentication_token_setup.py``); an explicit mode is taken
+    without a word. So name the mode Ray would choose: the instance's GCS listens on every
+    interface, and disabling auth would open it to the network. Ray reads the mode into its
+    C++ config when it is imported, so refresh that as Ray itself does after setting the
+    variable. A user's own ``RAY_AUTH_MODE`` wins, and nothing changes for cluster runs."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    from ray._raylet import Config
+
+    os.environ["RAY_AUTH_MODE"] = "token"
+    Config.initialize("")
+
+
 def init_ray(address: str | None) -> bool:
     """Connect to Ray: embedded local by default. True when this call started it."""
     import ray
@@ -80,6 +100,7 @@ def init_ray(address: str | None) -> bool:
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address is None:
+        _quiet_embedded_token_auth()
         ray.init(address="local", include_dashboard=False, logging_level="WARNING",
                  log_to_driver=False)
     else:
