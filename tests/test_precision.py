@@ -295,7 +295,7 @@ def test_worker_certifies_with_the_resolved_fast_path(tmp_path) -> None:
                     checkpoint=str(MODELS / "cifar10-resnet20-scalecert-2.4.pt"))
     worker = ShardWorker(WorkerSettings(run=run, run_id="test", metadata={}, patch_pixels=(5,),
                                         image_side=32))
-    assert [certifier.fast for _, _, certifier in worker.certifiers] == [
+    assert [certifier.fast for certifier in worker.certifiers.certifiers] == [
         FastPath("bf16", fuse_bn=True)] * 2
     images = torch.rand(2, 3, 32, 32)
     assert worker._to_device(images) is images  # CPU: no pinning, no copy

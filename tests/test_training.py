@@ -25,6 +25,7 @@ from pipeline.train.trainer import (
     load_slice,
     run_finetune,
 )
+from scalecert.errors import RunFailed
 from scalecert.models.registry import file_sha256, load_model
 from tests.support import copy_class_subset
 
@@ -95,7 +96,7 @@ def test_two_workers_train_checkpoint_each_epoch_and_resume_to_the_same_weights(
     # interrupted after epoch 1, then the same command again: resumes at epoch 2
     interrupted = _run(train, held_out, resnet20_checkpoint, tmp_path / "interrupted")
     monkeypatch.setenv("SCALECERT_TEST_FAIL_AFTER_EPOCH", "1")
-    with pytest.raises(RuntimeError, match="training failed"):
+    with pytest.raises(RunFailed, match="training failed"):
         run_finetune(interrupted)
     assert not Path(final_checkpoint_location(interrupted)).exists()
     assert (tmp_path / "interrupted" / "finetune.json").exists()
