@@ -199,6 +199,10 @@ class Certifier:
     def prepare(self, images: torch.Tensor) -> PreparedBatch:
         """Per-image work shared by every window (the stem and SIN selection for scalecert)."""
         self._check_images(images)
+        return self._prepare(images)
+
+    def _prepare(self, images: torch.Tensor) -> PreparedBatch:
+        """:meth:`prepare` of images already checked (:meth:`_check_images`)."""
         return self.predictor.prepare(images.to(self.device))
 
     @torch.no_grad()
@@ -211,7 +215,15 @@ class Certifier:
         one with the same :attr:`preparation_key`, to skip that work.
         """
         self._check_images(images)
-        labels = self._check_labels(labels, len(images))
+        return self._certify(images, self._check_labels(labels, len(images)), prepared)
+
+    def _certify(
+        self, images: torch.Tensor, labels: torch.Tensor, prepared: PreparedBatch | None
+    ) -> CertifyResult:
+        """:meth:`certify` of images and labels already checked (:meth:`_check_images`,
+        :meth:`_check_labels`). The image check reads every pixel (its value range), so a
+        caller that certifies the same images under several settings
+        (:class:`CertifierGroup`) checks them once and calls this for each setting."""
         evaluation = self._evaluate(images, labels, prepared)
         n = len(images)
         return CertifyResult(
@@ -404,17 +416,14 @@ class Certifier:
         return batch.memo[key]
 
     def _check_images(self, images: torch.Tensor) -> None:
-        if not isinstance(images, torch.Tensor):
-            raise InvalidOption(f"images: expected a torch.Tensor, got {type(images).__name__}")
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise InvalidOption(f"images: expected shape N x 3 x H x W, got {tuple(images.shape)}")
-        if not images.is_floating_point():
-            raise InvalidOption(f"images: expected floats in [0, 1], got dtype {images.dtype}")
-        if len(images) == 0:
-            raise InvalidOption("images: the batch is empty")
-        low, high = float(images.min()), float(images.max())
-        if not (0.0 <= low and high <= 1.0):  # also false for NaN
-            raise InvalidOption(f"images: values must lie in [0, 1], got [{low}, {high}]")
+        """Refuse anything but a non-empty ``N x 3 x H x W`` float batch in [0, 1] whose sides
+        hold this certifier's patch."""
+        _check_pixels(images)
+        self._check_patch_fits(images)
+
+    def _check_patch_fits(self, images: torch.Tensor) -> None:
+        """The part of :meth:`_check_images` that depends on the setting (the patch size);
+        cheap: it reads the shape only."""
         height, width = images.shape[2:]
         if self.config.patch_px > min(height, width):
             raise InvalidOption(
@@ -433,6 +442,23 @@ class Certifier:
         if bool(((labels < 0) | (labels >= num_classes)).any()):
             raise InvalidOption(f"labels: values must lie in [0, {num_classes}), got {labels.tolist()[:10]}")
         return labels
+
+
+def _check_pixels(images: Any) -> None:
+    """Refuse anything but a non-empty ``N x 3 x H x W`` float batch with values in [0, 1]
+    (:class:`InvalidOption` naming ``images``). Reads every pixel once (one pass for both
+    ends of the range), so callers check a batch once, not once per setting."""
+    if not isinstance(images, torch.Tensor):
+        raise InvalidOption(f"images: expected a torch.Tensor, got {type(images).__name__}")
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise InvalidOption(f"images: expected shape N x 3 x H x W, got {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise InvalidOption(f"images: expected floats in [0, 1], got dtype {images.dtype}")
+    if len(images) == 0:
+        raise InvalidOption("images: the batch is empty")
+    low, high = (float(end) for end in torch.aminmax(images))
+    if not (0.0 <= low and high <= 1.0):  # also false for NaN
+        raise InvalidOption(f"images: values must lie in [0, 1], got [{low}, {high}]")
 
 
 @dataclass(frozen=True)
@@ -474,15 +500,22 @@ class CertifierGroup:
 
     @torch.no_grad()
     def certify(self, images: torch.Tensor, labels: torch.Tensor) -> list[GroupOutcome]:
-        """Certificates of ``images`` under every setting, in the order of ``configs``."""
+        """Certificates of ``images`` under every setting, in the order of ``configs``.
+
+        The images and labels are checked once for all the settings (each setting only checks
+        that its patch fits), before any work: the pixel check reads every pixel."""
+        _check_pixels(images)
+        for certifier in self.certifiers:
+            certifier._check_patch_fits(images)
+        labels = self.certifiers[0]._check_labels(labels, len(images))  # one model: one check
         prepared: dict[tuple, PreparedBatch] = {}
         outcomes = []
         for certifier in self.certifiers:
             began = time.perf_counter()
             key = certifier.preparation_key
             if key not in prepared:
-                prepared[key] = certifier.prepare(images)
-            result = certifier.certify(images, labels, prepared=prepared[key])
+                prepared[key] = certifier._prepare(images)
+            result = certifier._certify(images, labels, prepared[key])
             outcomes.append(GroupOutcome(certifier.config, result, time.perf_counter() - began))
         return outcomes
 
