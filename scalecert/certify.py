@@ -72,13 +72,15 @@ def locate_block(base: int, grid: torch.Tensor, r: int) -> tuple[int, int] | Non
 
 
 def evaluation_order(priority: torch.Tensor) -> torch.Tensor:
-    """Window indices by priority, highest first, ties in family order (a 1-D ``priority``)."""
-    return torch.sort(-priority, stable=True).indices
+    """Window indices by priority, highest first, ties in family order: of a 1-D ``priority``,
+    or of each row of an ``N x n_masks`` one (a stable sort, so each row's order is the one it
+    would get alone)."""
+    return torch.sort(-priority, dim=-1, stable=True).indices
 
 
 def detect_outcome(
     base: int, mask_predictions: torch.Tensor, family: MaskFamily,
-    priority: torch.Tensor | None = None,
+    priority: torch.Tensor | None = None, order: torch.Tensor | None = None,
 ) -> tuple[int, tuple[int, int] | None]:
     """Algorithm 1 on one image's predictions: (output, located block or None).
 
@@ -86,11 +88,14 @@ def detect_outcome(
     disagreeing one in :func:`evaluation_order`, which work avoidance always runs, so the full
     map and work avoidance report the same window; otherwise the first block in row-major
     order. NOT_EVALUATED entries only occur with r = 1 after a disagreement was found (work
-    avoidance), which the block rule then reports, so they never decide an outcome."""
+    avoidance), which the block rule then reports, so they never decide an outcome.
+    ``order``: ``evaluation_order(priority)`` when the caller already has it (the certifier
+    sorts each chunk's priorities once for scheduling and detection), else it is computed."""
     if bool(((mask_predictions == base) | (mask_predictions == NOT_EVALUATED)).all()):
         return base, None
     if family.r == 1 and priority is not None:
-        order = evaluation_order(priority)
+        if order is None:
+            order = evaluation_order(priority)
         ordered = mask_predictions[order]
         first = int(((ordered != base) & (ordered != NOT_EVALUATED)).nonzero()[0, 0])
         return ALERT, divmod(int(order[first]), family.grid_shape[1])
@@ -279,8 +284,12 @@ class Certifier:
         boxes = family.boxes()
         n_images, n_masks = len(batch), family.n_masks
         priority = self.predictor.evaluation_priority(batch, boxes)
-        schedule = self._run_all if self.full_map or family.r > 1 else self._run_until_settled
-        runs = schedule(batch, labels, boxes, priority)
+        # each image's window order, sorted once here for the schedule and detection alike
+        order = evaluation_order(priority) if family.r == 1 else None
+        if self.full_map or family.r > 1:
+            runs = self._run_all(batch, labels, boxes, priority)
+        else:
+            runs = self._run_until_settled(batch, labels, boxes, priority, order)
         base, image_of, mask_of = runs.base, runs.image_of, runs.mask_of
 
         # skipped windows (skip lemma) give M(x); needed but unevaluated ones: NOT_EVALUATED
@@ -294,20 +303,25 @@ class Certifier:
         output = base.clone()
         alert_box = torch.tensor([NO_BOX]).repeat(n_images, 1)
         recovered = torch.full((n_images,), ALERT, dtype=torch.int64)
-        located: list[int] = []
-        for i in range(n_images):
+        # Algorithm 1 image by image only where some window disagrees with M(x): the others
+        # (most images) output M(x) with no box, which one vectorised test settles
+        agrees = ((mask_predictions == base[:, None])
+                  | (mask_predictions == NOT_EVALUATED)).all(dim=1)
+        located, boxes_of_located, windows_of_located = [], [], []
+        for i in (~agrees).nonzero()[:, 0].tolist():
             output[i], block = detect_outcome(int(base[i]), mask_predictions[i], family,
-                                              priority[i])
-            if block is None:
-                continue
-            alert_box[i] = torch.tensor(family.block_box(*block))
-            if family.r == 1:  # the block is one window, whose prediction is already known
-                recovered[i] = mask_predictions[i, block[0] * family.grid_shape[1] + block[1]]
-            else:
+                                              priority[i], None if order is None else order[i])
+            if block is not None:
                 located.append(i)
+                boxes_of_located.append(family.block_box(*block))
+                windows_of_located.append(block[0] * family.grid_shape[1] + block[1])
         if located:
             index = torch.tensor(located)
-            recovered[index], _ = self._run_pairs(batch, index, alert_box[index], None)
+            alert_box[index] = torch.tensor(boxes_of_located, dtype=torch.int64)
+            if family.r == 1:  # the block is one window, whose prediction is already known
+                recovered[index] = mask_predictions[index, torch.tensor(windows_of_located)]
+            else:
+                recovered[index], _ = self._run_pairs(batch, index, alert_box[index], None)
         # the undefended model (certify only): g on the unpruned stem features (scalecert); for
         # masking, M(x) is the undefended model already
         undefended = labels is not None and self.config.method == "scalecert"
@@ -345,15 +359,19 @@ class Certifier:
 
     def _run_until_settled(
         self, batch: PreparedBatch, labels: torch.Tensor | None, boxes: torch.Tensor,
-        priority: torch.Tensor,
+        priority: torch.Tensor, order: torch.Tensor,
     ) -> _PairRuns:
         """r = 1 work avoidance: an image's windows run in order of priority until one
         disagrees with M(x). That settles both outcomes (not certified; detection alerts), so
-        its remaining windows are left unevaluated. Images share g's batches round by round."""
+        its remaining windows are left unevaluated. Images share g's batches round by round.
+        ``order`` is :func:`evaluation_order` of ``priority`` (sorted once per chunk)."""
         n_images = len(batch)
         base, base_margin = self._unmasked_runs(batch, labels)
-        # per image: needed windows, highest priority first (ties: family order)
-        queues = [[int(m) for m in evaluation_order(row) if row[m] > 0] for row in priority]
+        # per image: needed windows, highest priority first (ties: family order); plain
+        # Python lists, read once, rather than one tensor lookup per window
+        needed = torch.gather(priority > 0, 1, order).tolist()
+        queues = [[m for m, need in zip(row, row_needed) if need]
+                  for row, row_needed in zip(order.tolist(), needed)]
         done = [0] * n_images
         settled = [False] * n_images
         image_of, mask_of, predictions, margins = [], [], [], []

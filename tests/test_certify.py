@@ -8,7 +8,7 @@ import torch
 from support import randomize_batchnorm
 from scalecert import ALERT, CertConfig, Certifier, create_model
 from scalecert.baselines import OcclusionPredictor, box_masks
-from scalecert.certify import NOT_EVALUATED, detect_outcome
+from scalecert.certify import NOT_EVALUATED, detect_outcome, evaluation_order
 from scalecert.masks import MaskFamily
 from scalecert.occlusion import EMPTY_BOX, SinPredictor
 from scalecert.sin import keep_count, keep_positions
@@ -217,6 +217,20 @@ def test_with_priorities_the_first_disagreeing_window_in_that_order_is_located()
     predictions[9] = NOT_EVALUATED  # left unrun: never located
     assert detect_outcome(3, predictions, family, priority) == (ALERT, (3, 2))
     assert detect_outcome(3, predictions, family) == (ALERT, (0, 2))  # no priorities: row-major
+
+
+def test_evaluation_order_of_a_matrix_is_each_rows_own_order() -> None:
+    generator = torch.Generator().manual_seed(5)
+    priority = torch.randint(0, 4, (20, 16), generator=generator).float()  # many ties
+    order = evaluation_order(priority)
+    for row, row_order in zip(priority, order):
+        assert torch.equal(row_order, evaluation_order(row))
+    family = grid_family(1)
+    predictions = torch.full((family.n_masks,), 3)
+    predictions[[2, 9, 14]] = 7
+    for row, row_order in zip(priority, order):
+        assert (detect_outcome(3, predictions, family, row, row_order)
+                == detect_outcome(3, predictions, family, row))
 
 
 def test_block_rule_needs_a_whole_r_by_r_block_of_one_class() -> None:
