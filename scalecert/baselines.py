@@ -20,7 +20,7 @@ from scalecert.models.base import StagedClassifier
 class Images:
     """The prepared state of the baseline is the images themselves."""
 
-    pixels: torch.Tensor  # B x 3 x H x W in [0, 1]
+    pixels: torch.Tensor  # B x 3 x H x W in [0, 1], channels_last like g's inputs
     memo: dict = field(default_factory=dict, compare=False, repr=False)  # see PreparedBatch
 
     def __len__(self) -> int:
@@ -50,7 +50,9 @@ class OcclusionPredictor:
         self.occlusion_value = occlusion_value
 
     def prepare(self, images: torch.Tensor) -> Images:
-        return Images(pixels=images)
+        """The images, stored channels_last once: g takes channels_last inputs, and the pairs'
+        occluded copies (:meth:`g_inputs`) then come out channels_last with no further copy."""
+        return Images(pixels=images.contiguous(memory_format=torch.channels_last))
 
     def evaluation_priority(self, batch: Images, boxes: torch.Tensor) -> torch.Tensor:
         """Every window changes the input, so every priority is positive (none is skipped).

@@ -72,13 +72,15 @@ def locate_block(base: int, grid: torch.Tensor, r: int) -> tuple[int, int] | Non
 
 
 def evaluation_order(priority: torch.Tensor) -> torch.Tensor:
-    """Window indices by priority, highest first, ties in family order (a 1-D ``priority``)."""
-    return torch.sort(-priority, stable=True).indices
+    """Window indices by priority, highest first, ties in family order: of a 1-D ``priority``,
+    or of each row of an ``N x n_masks`` one (a stable sort, so each row's order is the one it
+    would get alone)."""
+    return torch.sort(-priority, dim=-1, stable=True).indices
 
 
 def detect_outcome(
     base: int, mask_predictions: torch.Tensor, family: MaskFamily,
-    priority: torch.Tensor | None = None,
+    priority: torch.Tensor | None = None, order: torch.Tensor | None = None,
 ) -> tuple[int, tuple[int, int] | None]:
     """Algorithm 1 on one image's predictions: (output, located block or None).
 
@@ -86,11 +88,14 @@ def detect_outcome(
     disagreeing one in :func:`evaluation_order`, which work avoidance always runs, so the full
     map and work avoidance report the same window; otherwise the first block in row-major
     order. NOT_EVALUATED entries only occur with r = 1 after a disagreement was found (work
-    avoidance), which the block rule then reports, so they never decide an outcome."""
+    avoidance), which the block rule then reports, so they never decide an outcome.
+    ``order``: ``evaluation_order(priority)`` when the caller already has it (the certifier
+    sorts each chunk's priorities once for scheduling and detection), else it is computed."""
     if bool(((mask_predictions == base) | (mask_predictions == NOT_EVALUATED)).all()):
         return base, None
     if family.r == 1 and priority is not None:
-        order = evaluation_order(priority)
+        if order is None:
+            order = evaluation_order(priority)
         ordered = mask_predictions[order]
         first = int(((ordered != base) & (ordered != NOT_EVALUATED)).nonzero()[0, 0])
         return ALERT, divmod(int(order[first]), family.grid_shape[1])
@@ -199,6 +204,10 @@ class Certifier:
     def prepare(self, images: torch.Tensor) -> PreparedBatch:
         """Per-image work shared by every window (the stem and SIN selection for scalecert)."""
         self._check_images(images)
+        return self._prepare(images)
+
+    def _prepare(self, images: torch.Tensor) -> PreparedBatch:
+        """:meth:`prepare` of images already checked (:meth:`_check_images`)."""
         return self.predictor.prepare(images.to(self.device))
 
     @torch.no_grad()
@@ -211,7 +220,15 @@ class Certifier:
         one with the same :attr:`preparation_key`, to skip that work.
         """
         self._check_images(images)
-        labels = self._check_labels(labels, len(images))
+        return self._certify(images, self._check_labels(labels, len(images)), prepared)
+
+    def _certify(
+        self, images: torch.Tensor, labels: torch.Tensor, prepared: PreparedBatch | None
+    ) -> CertifyResult:
+        """:meth:`certify` of images and labels already checked (:meth:`_check_images`,
+        :meth:`_check_labels`). The image check reads every pixel (its value range), so a
+        caller that certifies the same images under several settings
+        (:class:`CertifierGroup`) checks them once and calls this for each setting."""
         evaluation = self._evaluate(images, labels, prepared)
         n = len(images)
         return CertifyResult(
@@ -267,8 +284,12 @@ class Certifier:
         boxes = family.boxes()
         n_images, n_masks = len(batch), family.n_masks
         priority = self.predictor.evaluation_priority(batch, boxes)
-        schedule = self._run_all if self.full_map or family.r > 1 else self._run_until_settled
-        runs = schedule(batch, labels, boxes, priority)
+        # each image's window order, sorted once here for the schedule and detection alike
+        order = evaluation_order(priority) if family.r == 1 else None
+        if self.full_map or family.r > 1:
+            runs = self._run_all(batch, labels, boxes, priority)
+        else:
+            runs = self._run_until_settled(batch, labels, boxes, priority, order)
         base, image_of, mask_of = runs.base, runs.image_of, runs.mask_of
 
         # skipped windows (skip lemma) give M(x); needed but unevaluated ones: NOT_EVALUATED
@@ -282,20 +303,25 @@ class Certifier:
         output = base.clone()
         alert_box = torch.tensor([NO_BOX]).repeat(n_images, 1)
         recovered = torch.full((n_images,), ALERT, dtype=torch.int64)
-        located: list[int] = []
-        for i in range(n_images):
+        # Algorithm 1 image by image only where some window disagrees with M(x): the others
+        # (most images) output M(x) with no box, which one vectorised test settles
+        agrees = ((mask_predictions == base[:, None])
+                  | (mask_predictions == NOT_EVALUATED)).all(dim=1)
+        located, boxes_of_located, windows_of_located = [], [], []
+        for i in (~agrees).nonzero()[:, 0].tolist():
             output[i], block = detect_outcome(int(base[i]), mask_predictions[i], family,
-                                              priority[i])
-            if block is None:
-                continue
-            alert_box[i] = torch.tensor(family.block_box(*block))
-            if family.r == 1:  # the block is one window, whose prediction is already known
-                recovered[i] = mask_predictions[i, block[0] * family.grid_shape[1] + block[1]]
-            else:
+                                              priority[i], None if order is None else order[i])
+            if block is not None:
                 located.append(i)
+                boxes_of_located.append(family.block_box(*block))
+                windows_of_located.append(block[0] * family.grid_shape[1] + block[1])
         if located:
             index = torch.tensor(located)
-            recovered[index], _ = self._run_pairs(batch, index, alert_box[index], None)
+            alert_box[index] = torch.tensor(boxes_of_located, dtype=torch.int64)
+            if family.r == 1:  # the block is one window, whose prediction is already known
+                recovered[index] = mask_predictions[index, torch.tensor(windows_of_located)]
+            else:
+                recovered[index], _ = self._run_pairs(batch, index, alert_box[index], None)
         # the undefended model (certify only): g on the unpruned stem features (scalecert); for
         # masking, M(x) is the undefended model already
         undefended = labels is not None and self.config.method == "scalecert"
@@ -333,15 +359,19 @@ class Certifier:
 
     def _run_until_settled(
         self, batch: PreparedBatch, labels: torch.Tensor | None, boxes: torch.Tensor,
-        priority: torch.Tensor,
+        priority: torch.Tensor, order: torch.Tensor,
     ) -> _PairRuns:
         """r = 1 work avoidance: an image's windows run in order of priority until one
         disagrees with M(x). That settles both outcomes (not certified; detection alerts), so
-        its remaining windows are left unevaluated. Images share g's batches round by round."""
+        its remaining windows are left unevaluated. Images share g's batches round by round.
+        ``order`` is :func:`evaluation_order` of ``priority`` (sorted once per chunk)."""
         n_images = len(batch)
         base, base_margin = self._unmasked_runs(batch, labels)
-        # per image: needed windows, highest priority first (ties: family order)
-        queues = [[int(m) for m in evaluation_order(row) if row[m] > 0] for row in priority]
+        # per image: needed windows, highest priority first (ties: family order); plain
+        # Python lists, read once, rather than one tensor lookup per window
+        needed = torch.gather(priority > 0, 1, order).tolist()
+        queues = [[m for m, need in zip(row, row_needed) if need]
+                  for row, row_needed in zip(order.tolist(), needed)]
         done = [0] * n_images
         settled = [False] * n_images
         image_of, mask_of, predictions, margins = [], [], [], []
@@ -404,17 +434,14 @@ class Certifier:
         return batch.memo[key]
 
     def _check_images(self, images: torch.Tensor) -> None:
-        if not isinstance(images, torch.Tensor):
-            raise InvalidOption(f"images: expected a torch.Tensor, got {type(images).__name__}")
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise InvalidOption(f"images: expected shape N x 3 x H x W, got {tuple(images.shape)}")
-        if not images.is_floating_point():
-            raise InvalidOption(f"images: expected floats in [0, 1], got dtype {images.dtype}")
-        if len(images) == 0:
-            raise InvalidOption("images: the batch is empty")
-        low, high = float(images.min()), float(images.max())
-        if not (0.0 <= low and high <= 1.0):  # also false for NaN
-            raise InvalidOption(f"images: values must lie in [0, 1], got [{low}, {high}]")
+        """Refuse anything but a non-empty ``N x 3 x H x W`` float batch in [0, 1] whose sides
+        hold this certifier's patch."""
+        _check_pixels(images)
+        self._check_patch_fits(images)
+
+    def _check_patch_fits(self, images: torch.Tensor) -> None:
+        """The part of :meth:`_check_images` that depends on the setting (the patch size);
+        cheap: it reads the shape only."""
         height, width = images.shape[2:]
         if self.config.patch_px > min(height, width):
             raise InvalidOption(
@@ -433,6 +460,23 @@ class Certifier:
         if bool(((labels < 0) | (labels >= num_classes)).any()):
             raise InvalidOption(f"labels: values must lie in [0, {num_classes}), got {labels.tolist()[:10]}")
         return labels
+
+
+def _check_pixels(images: Any) -> None:
+    """Refuse anything but a non-empty ``N x 3 x H x W`` float batch with values in [0, 1]
+    (:class:`InvalidOption` naming ``images``). Reads every pixel once (one pass for both
+    ends of the range), so callers check a batch once, not once per setting."""
+    if not isinstance(images, torch.Tensor):
+        raise InvalidOption(f"images: expected a torch.Tensor, got {type(images).__name__}")
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise InvalidOption(f"images: expected shape N x 3 x H x W, got {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise InvalidOption(f"images: expected floats in [0, 1], got dtype {images.dtype}")
+    if len(images) == 0:
+        raise InvalidOption("images: the batch is empty")
+    low, high = (float(end) for end in torch.aminmax(images))
+    if not (0.0 <= low and high <= 1.0):  # also false for NaN
+        raise InvalidOption(f"images: values must lie in [0, 1], got [{low}, {high}]")
 
 
 @dataclass(frozen=True)
@@ -474,15 +518,22 @@ class CertifierGroup:
 
     @torch.no_grad()
     def certify(self, images: torch.Tensor, labels: torch.Tensor) -> list[GroupOutcome]:
-        """Certificates of ``images`` under every setting, in the order of ``configs``."""
+        """Certificates of ``images`` under every setting, in the order of ``configs``.
+
+        The images and labels are checked once for all the settings (each setting only checks
+        that its patch fits), before any work: the pixel check reads every pixel."""
+        _check_pixels(images)
+        for certifier in self.certifiers:
+            certifier._check_patch_fits(images)
+        labels = self.certifiers[0]._check_labels(labels, len(images))  # one model: one check
         prepared: dict[tuple, PreparedBatch] = {}
         outcomes = []
         for certifier in self.certifiers:
             began = time.perf_counter()
             key = certifier.preparation_key
             if key not in prepared:
-                prepared[key] = certifier.prepare(images)
-            result = certifier.certify(images, labels, prepared=prepared[key])
+                prepared[key] = certifier._prepare(images)
+            result = certifier._certify(images, labels, prepared[key])
             outcomes.append(GroupOutcome(certifier.config, result, time.perf_counter() - began))
         return outcomes
 

@@ -153,6 +153,15 @@ class Footprints:
 
     def __call__(self, boxes: torch.Tensor) -> torch.Tensor:
         """``n x 4`` boxes -> ``n x (h*w)`` boolean footprints."""
+        rows, cols = self.axis_hits(boxes)
+        return (rows[:, :, None] & cols[:, None, :]).flatten(1)
+
+    def axis_hits(self, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The footprints of ``n x 4`` boxes as ``n x h`` and ``n x w`` booleans: the rows and
+        the columns whose receptive field meets each box (on the CPU). The footprint is their
+        product, so its size is ``rows.sum(1) * cols.sum(1)``, and position ``p`` is in it iff
+        ``rows[p // w] & cols[p % w]``: callers that test a few positions need not build the
+        whole ``n x (h*w)`` map."""
         boxes = torch.as_tensor(boxes, dtype=torch.int64).reshape(-1, 4).cpu()
         hits = []
         for axis, field in enumerate(self._fields):
@@ -160,7 +169,7 @@ class Footprints:
             lo, hi = field[None, :, 0], field[None, :, 1]
             hits.append((lo <= stop - 1) & (hi >= start) & (stop > start))
         rows, cols = hits
-        return (rows[:, :, None] & cols[:, None, :]).flatten(1)
+        return rows, cols
 
 
 def footprint(

@@ -17,7 +17,8 @@ import torch
 
 from scalecert.geometry import Footprints
 from scalecert.models.base import StagedClassifier
-from scalecert.sin import keep_count, keep_positions, prune, selection_order, sin_scores
+from scalecert.sin import (keep_count, keep_in_order, keep_positions, prune, selection_order,
+                           sin_scores)
 
 EMPTY_BOX = (0, 0, 0, 0)
 
@@ -125,10 +126,13 @@ class SinPredictor:
 
     def footprints(self, feature_hw: tuple[int, int], boxes: torch.Tensor) -> torch.Tensor:
         """``n x P`` boolean footprints (on the CPU) of pixel boxes on a ``feature_hw`` map."""
+        return self._footprints_on(feature_hw)(boxes)
+
+    def _footprints_on(self, feature_hw: tuple[int, int]) -> Footprints:
         key = (int(feature_hw[0]), int(feature_hw[1]))
         if key not in self._footprints:
             self._footprints[key] = Footprints(self.geometry, key)
-        return self._footprints[key](boxes)
+        return self._footprints[key]
 
     def evaluation_priority(self, batch: StemFeatures, boxes: torch.Tensor) -> torch.Tensor:
         """How many kept (SIN) positions each window's footprint removes: zero means the skip
@@ -143,11 +147,25 @@ class SinPredictor:
     def g_inputs(
         self, batch: StemFeatures, image_index: torch.Tensor, boxes: torch.Tensor
     ) -> torch.Tensor:
-        """A * 1[keep_m] per pair: the SIN selection without the window's footprint."""
+        """A * 1[keep_m] per pair: the SIN selection without the window's footprint.
+
+        keep_m is the first k positions of the image's selection order outside foot(m), so it
+        lies within the first k + |foot(m)| of them: only that prefix of the order (for the
+        largest footprint among the pairs) is gathered and tested against the footprints, as
+        row and column hits (:meth:`Footprints.axis_hits`), instead of all P positions. The
+        keep sets are those of :func:`keep_positions` on the whole order, bit for bit (see
+        :func:`keep_in_order`); the work per pair shrinks from P to about k + |foot(m)|
+        positions, a quarter of P on CIFAR (k = 154 and footprints up to 121 of 1024)."""
         feature_hw = batch.features.shape[2:]
-        excluded = self.footprints(feature_hw, boxes).to(batch.order.device)
+        positions = batch.order.shape[1]
         k = keep_count(self.top_k, feature_hw)
-        keep = keep_positions(batch.order[image_index], excluded, k)
+        rows, cols = self._footprints_on(feature_hw).axis_hits(boxes)
+        largest = int((rows.sum(dim=1) * cols.sum(dim=1)).max()) if len(rows) else 0
+        prefix = batch.order[image_index, :min(positions, k + largest)]
+        rows, cols = rows.to(prefix.device), cols.to(prefix.device)
+        width = feature_hw[1]
+        excluded = rows.gather(1, prefix // width) & cols.gather(1, prefix % width)
+        keep = keep_in_order(prefix, excluded, k, positions)
         pruned = prune(batch.features[image_index], keep)
         return pruned.contiguous(memory_format=torch.channels_last)
 

@@ -38,10 +38,26 @@ def keep_positions(order: torch.Tensor, excluded: torch.Tensor, k: int) -> torch
     order: ``n x P`` selection orders; excluded: ``n x P`` boolean footprints (all False for
     M(x)). Returns an ``n x P`` boolean mask with min(k, #not excluded) True entries per row.
     """
-    available = ~torch.gather(excluded, 1, order)
+    return keep_in_order(order, torch.gather(excluded, 1, order), k, excluded.shape[1])
+
+
+def keep_in_order(
+    order: torch.Tensor, excluded: torch.Tensor, k: int, positions: int
+) -> torch.Tensor:
+    """:func:`keep_positions` with the exclusions read in selection order: ``excluded[i, j]``
+    tells whether position ``order[i, j]`` is excluded; ``positions`` is P.
+
+    ``order`` may hold only the first columns of each row's selection order, provided each
+    row's first k positions not excluded lie among them (the whole order always does; so does
+    a prefix of k plus the number of the row's excluded positions): keep_m takes nothing after
+    them. The result equals :func:`keep_positions` on the whole order, bit for bit, and a
+    short prefix is what makes F(x, m)'s inputs cheap (k and a footprint are a fraction of P).
+    """
+    available = ~excluded
     rank = torch.cumsum(available, dim=1, dtype=torch.int32)
     chosen = available & (rank <= k)
-    return torch.zeros_like(excluded).scatter_(1, order, chosen)
+    keep = torch.zeros((order.shape[0], positions), dtype=torch.bool, device=order.device)
+    return keep.scatter_(1, order, chosen)
 
 
 def prune(features: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

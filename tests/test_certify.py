@@ -8,10 +8,10 @@ from support import randomize_batchnorm
 
 from scalecert import ALERT, CertConfig, Certifier, create_model
 from scalecert.baselines import OcclusionPredictor, box_masks
-from scalecert.certify import NOT_EVALUATED, detect_outcome
+from scalecert.certify import NOT_EVALUATED, detect_outcome, evaluation_order
 from scalecert.masks import MaskFamily
 from scalecert.occlusion import EMPTY_BOX, SinPredictor
-from scalecert.sin import keep_count, keep_positions
+from scalecert.sin import keep_count, keep_positions, prune
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +63,29 @@ def test_skipped_masks_give_what_computing_them_gives(model, images) -> None:
         assert torch.equal(keep, batch.keep[i:i + 1])
         assert torch.allclose(logits[i, j], base[i], atol=1e-5)
         assert int(logits[i, j].argmax()) == int(base[i].argmax())
+
+
+@pytest.mark.parametrize("top_k", [0.05, 0.15, 0.9])
+def test_g_inputs_are_the_pruned_features_by_definition(model, images, top_k) -> None:
+    """g's inputs (read from a prefix of the selection order) equal A * 1[keep_m] with keep_m
+    from the whole order, bit for bit: empty, small, large and whole-image boxes."""
+    predictor = SinPredictor(model, top_k=top_k)
+    batch = predictor.prepare(images)
+    generator = torch.Generator().manual_seed(4)
+    corners = torch.randint(0, 33, (40, 2, 2), generator=generator).sort(dim=1).values
+    boxes = torch.cat([
+        corners.transpose(1, 2).reshape(-1, 4)[:, [0, 2, 1, 3]],  # random (some empty)
+        torch.tensor([EMPTY_BOX, (0, 0, 32, 32), (3, 4, 9, 11), (20, 0, 32, 5)]),
+    ])
+    index = torch.randint(0, len(images), (len(boxes),), generator=generator)
+    feature_hw = batch.features.shape[2:]
+    keep = keep_positions(batch.order[index], predictor.footprints(feature_hw, boxes),
+                          keep_count(top_k, feature_hw))
+    expected = prune(batch.features[index], keep)
+    inputs = predictor.g_inputs(batch, index, boxes)
+    assert inputs.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(inputs, expected)
+    assert torch.equal(predictor.g_inputs(batch, index[:0], boxes[:0]), expected[:0])
 
 
 def test_stem_features_do_not_depend_on_batch_company(model, images) -> None:
@@ -217,6 +240,20 @@ def test_with_priorities_the_first_disagreeing_window_in_that_order_is_located()
     predictions[9] = NOT_EVALUATED  # left unrun: never located
     assert detect_outcome(3, predictions, family, priority) == (ALERT, (3, 2))
     assert detect_outcome(3, predictions, family) == (ALERT, (0, 2))  # no priorities: row-major
+
+
+def test_evaluation_order_of_a_matrix_is_each_rows_own_order() -> None:
+    generator = torch.Generator().manual_seed(5)
+    priority = torch.randint(0, 4, (20, 16), generator=generator).float()  # many ties
+    order = evaluation_order(priority)
+    for row, row_order in zip(priority, order):
+        assert torch.equal(row_order, evaluation_order(row))
+    family = grid_family(1)
+    predictions = torch.full((family.n_masks,), 3)
+    predictions[[2, 9, 14]] = 7
+    for row, row_order in zip(priority, order):
+        assert (detect_outcome(3, predictions, family, row, row_order)
+                == detect_outcome(3, predictions, family, row))
 
 
 def test_block_rule_needs_a_whole_r_by_r_block_of_one_class() -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from scalecert.sin import keep_count, keep_positions, prune, selection_order, sin_scores
+from scalecert.sin import (keep_count, keep_in_order, keep_positions, prune, selection_order,
+                           sin_scores)
 
 
 def reference_keep(scores: list[float], excluded: list[bool], k: int) -> set[int]:
@@ -48,6 +49,24 @@ def test_keep_matches_the_definition_on_random_cases_with_ties() -> None:
         for row in range(3):
             expected = reference_keep(scores[row].tolist(), excluded[row].tolist(), k)
             assert set(keep[row].nonzero()[:, 0].tolist()) == expected, trial
+
+
+def test_keep_from_a_prefix_of_the_order_equals_keep_from_the_whole_order() -> None:
+    """keep_in_order on the first k + (excluded count) columns of the order, with exclusions
+    read in order, gives keep_positions' result on the whole order, bit for bit."""
+    generator = torch.Generator().manual_seed(2)
+    for trial in range(200):
+        positions = int(torch.randint(1, 60, (1,), generator=generator))
+        scores = torch.randint(0, 4, (5, positions), generator=generator).float()
+        share = float(torch.rand(1, generator=generator))  # from no exclusions to all
+        excluded = torch.rand(5, positions, generator=generator) < share
+        k = int(torch.randint(1, positions + 3, (1,), generator=generator))
+        order = selection_order(scores)
+        expected = keep_positions(order, excluded, k)
+        span = min(positions, k + int(excluded.sum(dim=1).max()))
+        prefix = order[:, :span]
+        keep = keep_in_order(prefix, torch.gather(excluded, 1, prefix), k, positions)
+        assert keep.dtype == expected.dtype and torch.equal(keep, expected), trial
 
 
 def test_removing_unselected_candidates_never_changes_the_top_k() -> None:
