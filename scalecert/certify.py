@@ -132,10 +132,18 @@ class _Evaluation:
     recovered: torch.Tensor
 
 
+def default_batch_size(device: str | torch.device) -> int:
+    """(image, window) pairs per run of g when none is asked for: 256 on CUDA, 64 on a CPU,
+    where g's activations then stay in cache (ResNet-20's g alone ran about 1.5x faster at 64
+    than at 256 on 2 cores)."""
+    return 256 if torch.device(device).type == "cuda" else 64
+
+
 class Certifier:
     """Certifies and detects with one model and one :class:`CertConfig`.
 
-    ``batch_size`` is the number of (image, window) pairs per run of g; ``image_chunk`` bounds
+    ``batch_size`` is the number of (image, window) pairs per run of g (None: the device's
+    :func:`default_batch_size`); ``image_chunk`` bounds
     how many images' stem features are held at once. ``full_map=False`` turns on work
     avoidance for r = 1: an image's windows run most likely first (the predictor's
     ``evaluation_priority``) and stop at the first one that disagrees with M(x), which leaves
@@ -158,11 +166,12 @@ class Certifier:
         model: StagedClassifier,
         config: CertConfig,
         device: str | torch.device = "cpu",
-        batch_size: int = 256,
+        batch_size: int | None = None,
         image_chunk: int = 256,
         full_map: bool = True,
         fast: FastPath = FastPath(),
     ) -> None:
+        batch_size = default_batch_size(device) if batch_size is None else batch_size
         if batch_size < 1 or image_chunk < 1:
             raise InvalidOption("batch_size and image_chunk must be >= 1")
         self.config = config
@@ -503,7 +512,7 @@ class CertifierGroup:
         model: StagedClassifier,
         configs: Sequence[CertConfig],
         device: str | torch.device = "cpu",
-        batch_size: int = 256,
+        batch_size: int | None = None,
         image_chunk: int = 256,
         full_map: bool = True,
         fast: FastPath = FastPath(),

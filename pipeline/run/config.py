@@ -46,7 +46,7 @@ class RunConfig:
     workers: int | None = None
     gpus_per_worker: float | None = None
     device: str = "auto"
-    batch_size: int | None = None  # None: 64 on a CPU, 256 on CUDA (see g_batch_size)
+    batch_size: int | None = None  # None: the library's default for the device
     precision: str = "auto"  # auto: bf16 on cuda, fp32 on cpu
     compile: bool | str = "auto"  # auto: on for cuda
     fuse_bn: bool | str = "auto"  # auto: on (fold g's BatchNorms into its convolutions)
@@ -101,12 +101,9 @@ class RunConfig:
         ))
 
     def g_batch_size(self, device: str) -> int:
-        """(image, mask) pairs per run of g on ``device``: ``batch_size``, or by default 256 on
-        CUDA and 64 on a CPU, where g's activations then stay in cache (ResNet-20 g alone:
-        3,600 images/s at 64 against 2,500 at 256 on the 2-core machine)."""
-        if self.batch_size is not None:
-            return self.batch_size
-        return 256 if torch.device(device).type == "cuda" else 64
+        """(image, mask) pairs per run of g on ``device``: ``batch_size``, or the library's
+        default for the device (:func:`scalecert.certify.default_batch_size`)."""
+        return default_batch_size(device) if self.batch_size is None else self.batch_size
 
     def fast_path(self, device: str) -> FastPath:
         """How workers on ``device`` run g: ``auto`` means bf16 and compiled on CUDA, fp32
