@@ -146,10 +146,13 @@ class Footprints:
 
     def __init__(self, geometry: Geometry, feature_hw: tuple[int, int]) -> None:
         self.feature_hw = (int(feature_hw[0]), int(feature_hw[1]))
-        self._fields = [
+        fields = [
             torch.tensor([receptive_field(geometry, j, axis) for j in range(size)]).reshape(-1, 2)
             for axis, size in enumerate(self.feature_hw)
         ]
+        # per axis, the first and last input pixel of each position's field, as 1 x size rows
+        self._bounds = [(field[None, :, 0].contiguous(), field[None, :, 1].contiguous())
+                        for field in fields]
 
     def __call__(self, boxes: torch.Tensor) -> torch.Tensor:
         """``n x 4`` boxes -> ``n x (h*w)`` boolean footprints."""
@@ -164,9 +167,8 @@ class Footprints:
         whole ``n x (h*w)`` map."""
         boxes = torch.as_tensor(boxes, dtype=torch.int64).reshape(-1, 4).cpu()
         hits = []
-        for axis, field in enumerate(self._fields):
+        for axis, (lo, hi) in enumerate(self._bounds):
             start, stop = boxes[:, axis, None], boxes[:, axis + 2, None]
-            lo, hi = field[None, :, 0], field[None, :, 1]
             hits.append((lo <= stop - 1) & (hi >= start) & (stop > start))
         rows, cols = hits
         return rows, cols

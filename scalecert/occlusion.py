@@ -17,8 +17,8 @@ import torch
 
 from scalecert.geometry import Footprints
 from scalecert.models.base import StagedClassifier
-from scalecert.sin import (keep_count, keep_in_order, keep_positions, prune, selection_order,
-                           sin_scores)
+from scalecert.sin import (chosen_in_order, gather_pruned, keep_count, keep_positions,
+                           selection_order, sin_scores)
 
 EMPTY_BOX = (0, 0, 0, 0)
 
@@ -154,8 +154,10 @@ class SinPredictor:
         largest footprint among the pairs) is gathered and tested against the footprints, as
         row and column hits (:meth:`Footprints.axis_hits`), instead of all P positions. The
         keep sets are those of :func:`keep_positions` on the whole order, bit for bit (see
-        :func:`keep_in_order`); the work per pair shrinks from P to about k + |foot(m)|
-        positions, a quarter of P on CIFAR (k = 154 and footprints up to 121 of 1024)."""
+        :func:`~scalecert.sin.keep_in_order`); the work per pair shrinks from P to about
+        k + |foot(m)| positions, a quarter of P on CIFAR (k = 154 and footprints up to 121 of
+        1024). The pruned features are then written straight from the kept positions
+        (:func:`~scalecert.sin.gather_pruned`), not gathered whole and masked."""
         feature_hw = batch.features.shape[2:]
         positions = batch.order.shape[1]
         k = keep_count(self.top_k, feature_hw)
@@ -165,8 +167,8 @@ class SinPredictor:
         rows, cols = rows.to(prefix.device), cols.to(prefix.device)
         width = feature_hw[1]
         excluded = rows.gather(1, prefix // width) & cols.gather(1, prefix % width)
-        keep = keep_in_order(prefix, excluded, k, positions)
-        pruned = prune(batch.features[image_index], keep)
+        pair, column = chosen_in_order(excluded, k).nonzero(as_tuple=True)
+        pruned = gather_pruned(batch.features, image_index, pair, prefix[pair, column])
         return pruned.contiguous(memory_format=torch.channels_last)
 
     def unmasked_inputs(self, batch: StemFeatures) -> torch.Tensor:

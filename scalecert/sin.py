@@ -53,14 +53,43 @@ def keep_in_order(
     them. The result equals :func:`keep_positions` on the whole order, bit for bit, and a
     short prefix is what makes F(x, m)'s inputs cheap (k and a footprint are a fraction of P).
     """
+    keep = torch.zeros((order.shape[0], positions), dtype=torch.bool, device=order.device)
+    return keep.scatter_(1, order, chosen_in_order(excluded, k))
+
+
+def chosen_in_order(excluded: torch.Tensor, k: int) -> torch.Tensor:
+    """keep_m in selection order: ``chosen[i, j]`` tells whether the j-th position of row i's
+    order is kept, given ``excluded`` in that order (see :func:`keep_in_order`): the first k
+    positions not excluded are."""
     available = ~excluded
     rank = torch.cumsum(available, dim=1, dtype=torch.int32)
-    chosen = available & (rank <= k)
-    keep = torch.zeros((order.shape[0], positions), dtype=torch.bool, device=order.device)
-    return keep.scatter_(1, order, chosen)
+    return available & (rank <= k)
 
 
 def prune(features: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Zero every feature outside ``keep`` (``n x P``); kept features pass bit for bit."""
     mask = keep.view(keep.shape[0], 1, *features.shape[2:])
     return torch.where(mask, features, torch.zeros((), dtype=features.dtype, device=features.device))
+
+
+def gather_pruned(
+    features: torch.Tensor, index: torch.Tensor, pair: torch.Tensor, position: torch.Tensor
+) -> torch.Tensor:
+    """``prune(features[index], keep)``, bit for bit, in channels_last, without the gathered
+    copy: a zeroed output receives only the kept positions' channel vectors. ``keep`` is given
+    by its True entries, ``keep[pair[j], position[j]]`` (``keep.nonzero(as_tuple=True)``, in
+    any order), so a caller that knows them need not build the ``n x P`` mask.
+
+    Gathering ``features[index]`` and then masking it reads and writes all n x C x P floats
+    twice; this writes one zero fill and copies only the kept positions (k of P, 15% by
+    default). ``features`` (``B x C x h x w``) should be channels_last, as stem outputs are:
+    each position's channels are then one row of a ``(B * P) x C`` view; otherwise that table
+    is a copy (slow, still exact).
+    """
+    count, (batch, channels, height, width) = len(index), features.shape
+    positions = height * width
+    table = features.permute(0, 2, 3, 1).reshape(batch * positions, channels)
+    rows = table.index_select(0, index[pair] * positions + position)  # row copies, not
+    pruned = table.new_zeros((count * positions, channels))           # per-element indexing
+    pruned.index_copy_(0, pair * positions + position, rows)
+    return pruned.view(count, height, width, channels).permute(0, 3, 1, 2)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from scalecert.sin import (keep_count, keep_in_order, keep_positions, prune, selection_order,
-                           sin_scores)
+from scalecert.sin import (gather_pruned, keep_count, keep_in_order, keep_positions, prune,
+                           selection_order, sin_scores)
 
 
 def reference_keep(scores: list[float], excluded: list[bool], k: int) -> set[int]:
@@ -87,3 +87,20 @@ def test_prune_keeps_selected_features_bit_for_bit() -> None:
     mask = keep.view(2, 1, 4, 4).expand_as(features)
     assert torch.equal(pruned[mask], features[mask])
     assert bool((pruned[~mask] == 0).all())
+
+
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
+def test_gather_pruned_is_prune_of_the_gathered_rows(memory_format) -> None:
+    generator = torch.Generator().manual_seed(3)
+    features = torch.randn(6, 5, 4, 3, generator=generator).contiguous(memory_format=memory_format)
+    features[0, :, 0, 0] = -0.0  # signed zeros pass as they are
+    index = torch.tensor([0, 5, 5, 2, 0, 3, 1])
+    keep = torch.rand(len(index), 12, generator=generator) < 0.3
+    keep[0] = True
+    keep[1] = False
+    expected = prune(features[index], keep)
+    pruned = gather_pruned(features, index, *keep.nonzero(as_tuple=True))
+    assert pruned.is_contiguous(memory_format=torch.channels_last)
+    assert pruned.dtype == expected.dtype and torch.equal(pruned, expected)
+    bits = [t.contiguous().view(torch.int32) for t in (pruned, expected)]
+    assert torch.equal(*bits)  # bit patterns: the signs of zeros included
