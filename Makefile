@@ -1,6 +1,7 @@
 # Quick start: `make demo` runs the embedded default, `make test` runs the suite.
 # Both create .venv on first use and install the tested versions from constraints.txt;
-# later runs skip the install unless pyproject.toml or constraints.txt changed.
+# later runs skip the install unless pyproject.toml or constraints.txt changed. --no-compile:
+# modules compile on first import instead of all of torch and Ray at install time.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -18,7 +19,7 @@ install: $(INSTALLED)
 
 $(INSTALLED): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
+	$(PY) -m pip install -q --no-compile -c constraints.txt -e ".[test]"
 	@touch $@
 
 test: $(INSTALLED)

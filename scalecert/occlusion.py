@@ -17,8 +17,14 @@ import torch
 
 from scalecert.geometry import Footprints
 from scalecert.models.base import StagedClassifier
-from scalecert.sin import (chosen_in_order, gather_pruned, keep_count, keep_positions,
-                           selection_order, sin_scores)
+from scalecert.sin import (
+    chosen_in_order,
+    gather_pruned,
+    keep_count,
+    keep_positions,
+    selection_order,
+    sin_scores,
+)
 
 EMPTY_BOX = (0, 0, 0, 0)
 

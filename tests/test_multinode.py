@@ -15,8 +15,14 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from support import (copy_class_subset, free_port, pid_alive, process_tree, processes_naming,
-                     short_temp_dir)
+from support import (
+    copy_class_subset,
+    free_port,
+    pid_alive,
+    process_tree,
+    processes_naming,
+    short_temp_dir,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -5,8 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from scalecert.sin import (gather_pruned, keep_count, keep_in_order, keep_positions, prune,
-                           selection_order, sin_scores)
+from scalecert.sin import (
+    gather_pruned,
+    keep_count,
+    keep_in_order,
+    keep_positions,
+    prune,
+    selection_order,
+    sin_scores,
+)
 
 
 def reference_keep(scores: list[float], excluded: list[bool], k: int) -> set[int]:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from pipeline.options import PatchSize, as_flag_errors, load_yaml, positive_int, require
+from scalecert.certify import default_batch_size
 from scalecert.config import METHODS, CertConfig
 from scalecert.errors import InvalidOption
 from scalecert.models import available_models
