@@ -504,26 +504,16 @@ class CertifierGroup:
     certifying the same images together: each image's stem features and M(x) are computed once
     for all the settings that share them (equal :attr:`Certifier.preparation_key`).
 
-    The keyword arguments are :class:`Certifier`'s and apply to every setting.
+    ``certifier_options`` are :class:`Certifier`'s keyword arguments (device, batch size,
+    work avoidance, fast path) and apply to every setting.
     """
 
     def __init__(
-        self,
-        model: StagedClassifier,
-        configs: Sequence[CertConfig],
-        device: str | torch.device = "cpu",
-        batch_size: int | None = None,
-        image_chunk: int = 256,
-        full_map: bool = True,
-        fast: FastPath = FastPath(),
+        self, model: StagedClassifier, configs: Sequence[CertConfig], **certifier_options: Any
     ) -> None:
         if not configs:
             raise InvalidOption("configs: give at least one CertConfig")
-        self.certifiers = tuple(
-            Certifier(model, config, device=device, batch_size=batch_size,
-                      image_chunk=image_chunk, full_map=full_map, fast=fast)
-            for config in configs
-        )
+        self.certifiers = tuple(Certifier(model, config, **certifier_options) for config in configs)
 
     @torch.no_grad()
     def certify(self, images: torch.Tensor, labels: torch.Tensor) -> list[GroupOutcome]:
