@@ -192,7 +192,7 @@ def execute(
     """Run the shards in ``todo`` on a pool of Ray actors (Ray must be initialised); a shard
     whose worker dies is retried, up to ``max_attempts`` tries in all."""
     import ray
-    from ray.exceptions import RayActorError, WorkerCrashedError
+    from ray.exceptions import ActorUnavailableError, RayActorError, WorkerCrashedError
 
     if not todo:
         return
@@ -211,11 +211,15 @@ def execute(
     attempts: dict[int, int] = {}
     queue = list(todo)
     in_flight: dict[Any, tuple[int, int]] = {}  # ref -> (shard, actor)
+    unavailable_since: dict[int, float] = {}  # actor -> when it was first found restarting
+    crashed: set[int] = set()
 
     def submit(actor: int) -> None:
         shard = queue.pop(0)
         attempts[shard] = attempts.get(shard, 0) + 1
-        crash = crash_shard == str(shard) and attempts[shard] == 1
+        crash = crash_shard == str(shard) and shard not in crashed  # tests: once per shard
+        if crash:
+            crashed.add(shard)
         in_flight[actors[actor].run.remote(plan.task(shard, crash))] = (shard, actor)
 
     for actor in range(workers):
@@ -227,13 +231,33 @@ def execute(
         shard, actor = in_flight.pop(done[0])
         try:
             summary = ray.get(done[0])
+        except ActorUnavailableError as exc:
+            # The worker is restarting after a crash. The first call to report it was running
+            # when it died: a lost attempt. Calls that merely found it restarting are not
+            # attempts; they wait for it (at most 300 s).
+            first = actor not in unavailable_since
+            since = unavailable_since.setdefault(actor, time.monotonic())
+            if first:
+                if attempts[shard] >= max_attempts:
+                    raise RunFailed(f"shard {shard} failed {attempts[shard]} times: {exc}") from exc
+                print(f"worker lost on shard {shard} (attempt {attempts[shard]}); retrying",
+                      file=sys.stderr)
+            elif time.monotonic() - since > 300:
+                raise RunFailed(f"shard {shard}: worker {actor} unavailable for 300 s: "
+                                f"{exc}") from exc
+            else:
+                attempts[shard] -= 1
+                time.sleep(0.5)
+            queue.insert(0, shard)
         except (RayActorError, WorkerCrashedError) as exc:
+            unavailable_since.setdefault(actor, time.monotonic())  # it restarts from here on
             if attempts[shard] >= max_attempts:
                 raise RunFailed(f"shard {shard} failed {attempts[shard]} times: {exc}") from exc
             print(f"worker lost on shard {shard} (attempt {attempts[shard]}); retrying",
                   file=sys.stderr)
             queue.insert(0, shard)
         else:
+            unavailable_since.pop(actor, None)
             if on_shard is not None:
                 on_shard(summary)
         if queue:
