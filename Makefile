@@ -1,7 +1,9 @@
 # Quick start: `make demo` runs the embedded default, `make test` runs the suite.
 # Both create .venv on first use and install the tested versions from constraints.txt;
-# later runs skip the install unless pyproject.toml or constraints.txt changed. --no-compile:
-# modules compile on first import instead of all of torch and Ray at install time.
+# later runs skip the install unless pyproject.toml or constraints.txt changed. The install
+# byte-compiles site-packages on all cores in one pass (pip's own pass is serial): every test
+# process and Ray worker imports torch and Ray, and where PYTHONDONTWRITEBYTECODE is set (as in
+# this project's containers) nothing else would ever write the .pyc files.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -20,6 +22,8 @@ install: $(INSTALLED)
 $(INSTALLED): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --no-compile -c constraints.txt -e ".[test]"
+	$(PY) -m compileall -q -j 0 $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') >/dev/null \
+		|| echo "note: a few site-packages modules did not byte-compile (torch ships Python 3.12-only test files)"
 	@touch $@
 
 test: $(INSTALLED)
