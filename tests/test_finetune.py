@@ -82,8 +82,8 @@ def test_brief_finetuning_improves_the_pruned_model_on_real_data(
         members = [m for m in tar.getmembers() if m.isfile() and int(m.name[-8:-4]) < 200]
         tar.extractall(train_root, members=members, filter="data")
     train_images, train_labels = load_image_folder(train_root / "train")
-    test_images, test_labels = load_image_folder(cifar10_test_dir, per_class=30)
-    assert len(train_images) == 2000 and len(test_images) == 300
+    test_images, test_labels = load_image_folder(cifar10_test_dir, per_class=20)
+    assert len(train_images) == 2000 and len(test_images) == 200
 
     cert = CertConfig(patch_px=5, top_k=0.15)
     model = load_model("cifar_resnet20", checkpoint=resnet20_checkpoint)
@@ -100,9 +100,9 @@ def test_brief_finetuning_improves_the_pruned_model_on_real_data(
     sidecar = json.loads((tmp_path / "finetuned.pt.json").read_text())
     assert sidecar["finetune"]["cert"]["top_k"] == 0.15
     reloaded = load_model("cifar_resnet20", checkpoint=path)
-    again = Certifier(reloaded, cert).certify(test_images, test_labels)
-    assert torch.equal(again.prediction, after.prediction)
-    assert torch.equal(again.certified, after.certified)
+    again = Certifier(reloaded, cert).certify(test_images[:50], test_labels[:50])
+    assert torch.equal(again.prediction, after.prediction[:50])
+    assert torch.equal(again.certified, after.certified[:50])
 
 
 def test_masking_control_trains_the_unpruned_model() -> None:

@@ -1,4 +1,5 @@
-"""Vanilla (unpruned) accuracy of the shared akamaster weights on all 10,000 CIFAR-10 test JPEGs.
+"""Vanilla (unpruned) accuracy of the shared akamaster weights on the CIFAR-10 test JPEGs: ResNet-20
+on all 10,000, ResNet-56 (three times its cost per image) on the first 250 of each class.
 
 Pins the model definitions and checkpoint loading end to end: a wrong shortcut, normalisation or
 key mapping costs far more than a point. The JPEG re-encoding costs about 11 points against the
@@ -16,8 +17,10 @@ import torch
 from pipeline.compute.batches import load_image_folder
 from scalecert.models import load_model
 
-# Measured on the shared test JPEGs (10,000 images): 8,103 and 8,320 correct.
-MEASURED_TOP1 = {"cifar_resnet20": 81.03, "cifar_resnet56": 83.20}
+# Measured on the shared test JPEGs: ResNet-20 8,103 of 10,000 correct; ResNet-56 2,075 of the
+# 2,500 tested here (8,320 of all 10,000).
+MEASURED_TOP1 = {"cifar_resnet20": 81.03, "cifar_resnet56": 83.00}
+PER_CLASS = {"cifar_resnet20": 1000, "cifar_resnet56": 250}
 TOLERANCE = 1.0  # percentage points
 BATCH = 500
 
@@ -50,6 +53,9 @@ def test_vanilla_top1(
     checkpoint = {"cifar_resnet20": resnet20_checkpoint, "cifar_resnet56": resnet56_checkpoint}
     model = load_model(name, checkpoint=checkpoint[name])
     images, labels = cifar10_test_set
+    chosen = (torch.arange(len(labels)) % 1000) < PER_CLASS[name]  # class-major: first per class
+    images, labels = images[chosen], labels[chosen]
+    assert len(labels) == 10 * PER_CLASS[name]
     correct = 0
     with torch.no_grad():
         for start in range(0, len(images), BATCH):

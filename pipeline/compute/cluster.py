@@ -92,6 +92,13 @@ def _quiet_embedded_token_auth() -> None:
     Config.initialize("")
 
 
+def ray_node_id() -> str | None:
+    """The Ray node this process runs on (hex id), or None outside Ray."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
 def init_ray(address: str | None) -> bool:
     """Connect to Ray: embedded local by default. True when this call started it."""
     import ray

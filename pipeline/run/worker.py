@@ -10,6 +10,7 @@ size, method) — sharing each chunk's decode and stem across them — and write
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,6 +22,7 @@ import pyarrow as pa
 import torch
 
 from pipeline.compute.batches import to_batch
+from pipeline.compute.cluster import ray_node_id
 from pipeline.compute.models import load_stored_model
 from pipeline.io import storage
 from pipeline.io.certificates import (
@@ -42,7 +44,7 @@ class WorkerSettings:
 
     run: RunConfig
     run_id: str
-    metadata: dict[str, Any]  # goes into every Parquet file's schema metadata
+    metadata: dict[str, Any]  # goes into every Parquet file's schema metadata (with written_by)
     patch_pixels: tuple[int, ...]
     image_side: int
     device: str = "cpu"
@@ -88,6 +90,8 @@ class ShardWorker:
             full_map=run.full_map, fast=run.fast_path(settings.device))
         self.io_pool = ThreadPoolExecutor(max_workers=max(2, settings.threads),
                                           thread_name_prefix="scalecert-io")
+        # provenance of every file this worker writes: which host and Ray node certified it
+        self.written_by = {"host": socket.gethostname(), "ray_node_id": ray_node_id()}
 
     def _read(self, record: ImageRecord) -> np.ndarray | str:
         """The preprocessed image, or the reason it cannot be certified."""
@@ -133,7 +137,7 @@ class ShardWorker:
                 blocks += self._certify_chunk(context, good, certified)
         if task.crash_before_write:
             os._exit(17)  # simulate a worker killed mid-shard (tests only)
-        data = to_parquet_bytes(blocks, self.settings.metadata)
+        data = to_parquet_bytes(blocks, {**self.settings.metadata, "written_by": self.written_by})
         storage.write_bytes_atomic(part_location(self.settings.run.out, task.index), data, self.s3)
         return ShardSummary(
             index=task.index, images=len(task.records), errors=errors,
