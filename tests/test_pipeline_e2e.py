@@ -45,19 +45,19 @@ def read_rows(out: Path) -> list[dict]:
 def test_cifar10_run_two_patches_two_methods_then_resume(
     ray_session, tmp_path, cifar10_test_dir, resnet20_checkpoint
 ) -> None:
-    data = copy_class_subset(cifar10_test_dir, tmp_path / "cifar", per_class=20)
+    data = copy_class_subset(cifar10_test_dir, tmp_path / "cifar", per_class=10)
     out = tmp_path / "run"
     args = ["--data", str(data), "--model", "cifar_resnet20", "--checkpoint",
             str(resnet20_checkpoint), "--patch", "2.4%", "--patch", "0.4%", "--method",
-            "scalecert", "--method", "masking", "--out", str(out), "--shard-size", "64"]
+            "scalecert", "--method", "masking", "--out", str(out), "--shard-size", "30"]
     code, output = certify(*args)
     assert code == 0, output
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["dataset"]["images"] == 200 and len(manifest["shards"]) == 4
+    assert manifest["dataset"]["images"] == 100 and len(manifest["shards"]) == 4
     assert manifest["dataset"]["class_names"][:3] == ["airplane", "automobile", "bird"]
     assert manifest["patch_px"] == [5, 2]
     rows = read_rows(out)
-    assert len(rows) == 200 * 2 * 2
+    assert len(rows) == 100 * 2 * 2
     keys = {(r["image_id"], r["patch_px"], r["method"]) for r in rows}
     assert len(keys) == len(rows)
     assert all(r["status"] == "ok" and r["run_id"] == manifest["run_id"] for r in rows)
