@@ -9,9 +9,6 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 PYTEST_ARGS ?=
-# make test runs the suite in this many pytest-xdist processes, whole files each, the machine's
-# cores split between them (tests/support.py: test_threads).
-TEST_WORKERS ?= 2
 BENCH_ARGS ?= --images 2000 --pipeline-images 10000 --scale-out 1 2 4
 
 export RAY_USAGE_STATS_ENABLED := 0
@@ -30,7 +27,7 @@ $(INSTALLED): pyproject.toml constraints.txt
 	@touch $@
 
 test: $(INSTALLED)
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: $(INSTALLED)
 	$(VENV)/bin/scalecert demo

@@ -14,28 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
-from support import free_port, test_threads
+from support import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Modules with slow tests first, each module's tests in their own order (a stable sort by
-    module): pytest-xdist hands out whole files in this order, so the long ones start early
-    and the quick ones fill in at the end."""
-    slow = {item.path for item in items if item.get_closest_marker("slow") is not None}
-    items.sort(key=lambda item: item.path not in slow)
-
-
-@pytest.fixture(autouse=True)
-def torch_threads() -> Iterator[None]:
-    """Every test runs with :func:`support.test_threads` torch threads (a test may change it for
-    itself; it is restored after): with several xdist workers on one machine, more threads than
-    cores would make each worker wait on the other's."""
-    torch.set_num_threads(test_threads())
-    yield
-    torch.set_num_threads(test_threads())
 
 
 @pytest.fixture(scope="session")

@@ -31,13 +31,6 @@ def randomize_batchnorm(model: nn.Module, seed: int, spread: float = 0.2) -> nn.
     return model
 
 
-def test_threads() -> int:
-    """torch threads for one test process: the machine's cores split evenly between the
-    pytest-xdist workers (``make test`` runs several), all of them without xdist."""
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    return max(1, (os.cpu_count() or 1) // max(1, workers))
-
-
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now (for servers the tests start)."""
     with socket.socket() as sock:

@@ -76,6 +76,7 @@ def test_augment_keeps_shape_and_pixels() -> None:
 def test_brief_finetuning_improves_the_pruned_model_on_real_data(
     tmp_path, cifar10_test_dir, resnet20_checkpoint, shared_dir
 ) -> None:
+    torch.set_num_threads(2)
     train_root = tmp_path / "train_subset"
     with tarfile.open(shared_dir / "data" / "cifar10" / "train.tar.gz") as tar:
         members = [m for m in tar.getmembers() if m.isfile() and int(m.name[-8:-4]) < 200]

@@ -78,6 +78,7 @@ def optimised_patches(predictor: SinPredictor, image: torch.Tensor, label: int,
 
 @pytest.fixture(scope="module")
 def certified_case(cifar10_test_dir, resnet20_checkpoint):
+    torch.set_num_threads(2)
     images, labels = load_image_folder(cifar10_test_dir, per_class=12)
     model = load_model("cifar_resnet20", checkpoint=resnet20_checkpoint)
     certifier = Certifier(model, CertConfig(patch_px=PATCH, top_k=0.15, masks_per_axis=6))

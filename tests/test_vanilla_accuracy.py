@@ -8,6 +8,7 @@ published numbers on the original images (ResNet-20: 91.78%, ResNet-56: 93.62%).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,14 @@ def cifar10_test_set(cifar10_test_dir: Path) -> tuple[torch.Tensor, torch.Tensor
     return images, labels
 
 
+@pytest.fixture
+def two_threads() -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(MEASURED_TOP1))
 def test_vanilla_top1(
@@ -39,6 +48,7 @@ def test_vanilla_top1(
     cifar10_test_set: tuple[torch.Tensor, torch.Tensor],
     resnet20_checkpoint: Path,
     resnet56_checkpoint: Path,
+    two_threads: None,
 ) -> None:
     checkpoint = {"cifar_resnet20": resnet20_checkpoint, "cifar_resnet56": resnet56_checkpoint}
     model = load_model(name, checkpoint=checkpoint[name])
