@@ -5,6 +5,7 @@ control through the command line. Real Ray (local), real CIFAR-10 JPEGs, real we
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from pipeline.train.trainer import (
 )
 from scalecert.errors import RunFailed
 from scalecert.models.registry import file_sha256, load_model
-from tests.support import copy_class_subset
+from tests.support import copy_class_subset, short_temp_dir
 
 pytestmark = pytest.mark.slow
 
@@ -93,16 +94,25 @@ def test_two_workers_train_checkpoint_each_epoch_and_resume_to_the_same_weights(
     assert steps[-1] == ("step", 2, 4, 4)  # 30 images per worker, 8 per step
     assert [e[1]["epoch"] for e in events if e[0] == "epoch"] == [1, 2]
 
-    # interrupted after epoch 1, then the same command again: resumes at epoch 2
+    # interrupted after epoch 1, then the same command again: resumes at epoch 2. Both runs
+    # join a Ray that is already up (one start for the two) and leave it running.
     interrupted = _run(train, held_out, resnet20_checkpoint, tmp_path / "interrupted")
-    monkeypatch.setenv("SCALECERT_TEST_FAIL_AFTER_EPOCH", "1")
-    with pytest.raises(RunFailed, match="training failed"):
-        run_finetune(interrupted)
-    assert not Path(final_checkpoint_location(interrupted)).exists()
-    assert (tmp_path / "interrupted" / "finetune.json").exists()
-    monkeypatch.delenv("SCALECERT_TEST_FAIL_AFTER_EPOCH")
-    resumed_events: list[tuple] = []
-    resumed = run_finetune(interrupted, on_event=resumed_events.append)
+    temp_dir = short_temp_dir("tr")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
+             log_to_driver=False, _temp_dir=str(temp_dir))
+    try:
+        monkeypatch.setenv("SCALECERT_TEST_FAIL_AFTER_EPOCH", "1")
+        with pytest.raises(RunFailed, match="training failed"):
+            run_finetune(interrupted)
+        assert not Path(final_checkpoint_location(interrupted)).exists()
+        assert (tmp_path / "interrupted" / "finetune.json").exists()
+        monkeypatch.delenv("SCALECERT_TEST_FAIL_AFTER_EPOCH")
+        resumed_events: list[tuple] = []
+        resumed = run_finetune(interrupted, on_event=resumed_events.append)
+        assert ray.is_initialized()  # a Ray it did not start stays up
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
     assert [e[1]["epoch"] for e in resumed_events if e[0] == "epoch"] == [2]
     assert {e[1] for e in resumed_events if e[0] == "step"} == {2}
     assert [m["epoch"] for m in resumed.epochs] == [1, 2]
