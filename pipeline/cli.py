@@ -10,8 +10,10 @@ from typing import Any
 import click
 
 from scalecert import __version__
-from scalecert.config import METHODS
 from scalecert.errors import Refusal
+from scalecert.methods.registry import available_methods
+
+METHODS = available_methods()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -29,6 +31,16 @@ def models_command() -> None:
         click.echo(name)
 
 
+@main.command("methods")
+def methods_command() -> None:
+    """List the methods that --method and CertConfig(method=...) accept: name, the guarantee
+    of its certificates, what it does."""
+    from scalecert.methods import describe_methods
+
+    for line in describe_methods():
+        click.echo(line)
+
+
 @main.command("certify")
 @click.option("--data", help="Labelled images: root/<class>/<image>, or an ImageNet val folder "
               "with --ground-truth; a local path or s3://bucket/prefix.")
@@ -37,7 +49,8 @@ def models_command() -> None:
 @click.option("--patch", "patches", multiple=True,
               help="Patch side in pixels (32) or share of the image area (2%). Repeatable.")
 @click.option("--method", "methods", multiple=True, type=click.Choice(METHODS),
-              help="Defense(s) to certify; repeatable. Default: scalecert.")
+              help="Defense(s) to certify (`scalecert methods` lists them); repeatable. "
+                   "Default: scalecert.")
 @click.option("--top-k", type=float, help="Share of superficial positions SIN pruning keeps (0.15).")
 @click.option("--masks-per-axis", type=int, help="Masks per image axis (6: 36 masks).")
 @click.option("--r", type=int, help="Coverage r: each patch lies in an r x r block of masks (1).")

@@ -16,14 +16,16 @@ from typing import Any
 
 import torch
 
-from scalecert.baselines import OcclusionPredictor
 from scalecert.config import CertConfig
 from scalecert.errors import InvalidOption
 from scalecert.masks import MaskFamily
+from scalecert.methods import load_method, method_info
 from scalecert.models.base import StagedClassifier
 from scalecert.occlusion import EMPTY_BOX, MaskedPredictor, PreparedBatch, SinPredictor
 from scalecert.precision import FastPath, GRunner
-from scalecert.precision import margins as logit_margins  # not `margins`: a local name below
+from scalecert.precision import (
+    margins as logit_margins,  # not `margins`: a local name below
+)
 
 ALERT = -1
 NOT_EVALUATED = -2  # mask_predictions entry of a window left unrun (full_map=False, r = 1)
@@ -181,12 +183,7 @@ class Certifier:
         self.batch_size = batch_size
         self.image_chunk = image_chunk
         self.full_map = full_map
-        self.predictor: MaskedPredictor
-        if config.method == "scalecert":
-            self.predictor = SinPredictor(self.model, config.top_k, config.layer)
-        else:
-            self.model.split(config.layer)  # refuse an unknown layer for every method
-            self.predictor = OcclusionPredictor(self.model, config.occlusion_value)
+        self.predictor: MaskedPredictor = load_method(config.method).predictor(self.model, config)
         self.fast = fast
         self.runner = GRunner(self.predictor.g, fast, config.margin, self.device, batch_size)
 
@@ -331,9 +328,9 @@ class Certifier:
                 recovered[index] = mask_predictions[index, torch.tensor(windows_of_located)]
             else:
                 recovered[index], _ = self._run_pairs(batch, index, alert_box[index], None)
-        # the undefended model (certify only): g on the unpruned stem features (scalecert); for
-        # masking, M(x) is the undefended model already
-        undefended = labels is not None and self.config.method == "scalecert"
+        # the undefended model (certify only): g on the unpruned stem features for a pruned
+        # method (scalecert); otherwise M(x) is the undefended model already
+        undefended = labels is not None and method_info(self.config.method).pruned
         vanilla = self._vanilla(batch) if undefended else base
         return _Evaluation(base, vanilla, mask_predictions, n_evaluated, min_margin, output,
                            alert_box, recovered)

@@ -8,8 +8,9 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from scalecert.errors import InvalidOption
+from scalecert.methods.registry import available_methods, method_info
 
-METHODS = ("scalecert", "masking")
+METHODS = available_methods()  # the registered method names (scalecert.methods.registry)
 DEFAULT_MASKS_PER_AXIS = 6
 
 
@@ -22,8 +23,9 @@ class CertConfig:
     masks_per_axis / mask_stride: the mask grid, given either way (not both); neither means
         6 masks per axis. With masks_per_axis the stride is the smallest that covers the image.
     r: coverage; every patch position lies inside an r x r block of masks.
-    method: "scalecert" (SIN-pruned model, feature masks) or "masking" (Minority Reports
-        certified detection: unpruned model, pixel occlusion, no skipping).
+    method: a registered method (:mod:`scalecert.methods`): "scalecert" (SIN-pruned model,
+        feature masks) or "masking" (Minority Reports certified detection: unpruned model,
+        pixel occlusion, no skipping).
     layer: superficial layer to split at (None: the model's default, after the first ReLU).
     margin: every computed prediction must beat its runner-up logit by this much to count
         towards a certificate, so float differences between batch compositions cannot flip it.
@@ -58,8 +60,7 @@ class CertConfig:
             _check_int("masks_per_axis", self.masks_per_axis, minimum=self.r)
         if self.mask_stride is not None:
             _check_int("mask_stride", self.mask_stride, minimum=1)
-        if self.method not in METHODS:
-            raise InvalidOption(f"method: unknown method {self.method!r}; choose one of {METHODS}")
+        method_info(self.method)  # an unknown method is refused with the registered ones
         if self.layer is not None and (not isinstance(self.layer, str) or not self.layer):
             raise InvalidOption(f"layer: must be a layer name or None, got {self.layer!r}")
         if not _finite_number(self.margin) or self.margin <= 0:

@@ -20,13 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scalecert.baselines import box_masks
 from scalecert.config import CertConfig
 from scalecert.errors import InvalidOption
-from scalecert.geometry import Footprints
 from scalecert.masks import MaskFamily
+from scalecert.methods import load_method
 from scalecert.models.base import StagedClassifier
-from scalecert.sin import keep_count, keep_positions, prune, selection_order, sin_scores
 
 
 @dataclass(frozen=True)
@@ -108,21 +106,9 @@ def sample_windows(
 def defended_logits(
     model: StagedClassifier, cert: CertConfig, images: torch.Tensor, windows: torch.Tensor
 ) -> torch.Tensor:
-    """Logits of the defended forward pass under ``windows`` (one box per image; empty: none).
-
-    scalecert: F(x, m) = g(A * 1[keep_m]), the selection made on detached scores, so gradient
-    reaches only kept features (winner-take-all). masking: the unpruned model on occluded pixels.
-    """
-    if cert.method == "masking":
-        masks = box_masks(windows.to(images.device), images.shape[2:])
-        return model(torch.where(masks, torch.full_like(images, cert.occlusion_value), images))
-    split = model.split(cert.layer)
-    features = split.stem(images)
-    feature_hw = tuple(features.shape[2:])
-    excluded = Footprints(split.geometry, feature_hw)(windows).to(features.device)
-    order = selection_order(sin_scores(features.detach()))
-    keep = keep_positions(order, excluded, keep_count(cert.top_k, feature_hw))
-    return split.head(prune(features, keep))
+    """Logits of the defended forward pass under ``windows`` (one box per image; empty: none):
+    the method's own (``defended_logits`` of its module in :mod:`scalecert.methods`)."""
+    return load_method(cert.method).defended_logits(model, cert, images, windows)
 
 
 class DefendedForward(nn.Module):

@@ -61,7 +61,6 @@ def test_certify_job_shards_across_two_ray_nodes_and_ends_only_its_cluster(
 ) -> None:
     import ray
 
-    from pipeline.cli import main as cli
 
     assert not ray.is_initialized()
     data = copy_class_subset(cifar10_test_dir, tmp_path / "data", per_class=2)

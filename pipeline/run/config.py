@@ -16,8 +16,9 @@ import torch
 
 from pipeline.options import PatchSize, as_flag_errors, load_yaml, positive_int, require
 from scalecert.certify import default_batch_size
-from scalecert.config import METHODS, CertConfig
+from scalecert.config import CertConfig
 from scalecert.errors import InvalidOption
+from scalecert.methods.registry import available_methods
 from scalecert.models import available_models
 from scalecert.precision import FastPath
 
@@ -67,7 +68,8 @@ class RunConfig:
         methods = tuple(self.methods)
         require(len(methods) > 0, "method", "at least one method")
         for method in methods:
-            require(method in METHODS, "method", f"one of {', '.join(METHODS)} (got {method!r})")
+            require(method in available_methods(), "method",
+                    f"one of {', '.join(available_methods())} (got {method!r})")
         require(len(set(methods)) == len(methods), "method", "distinct methods")
         object.__setattr__(self, "methods", methods)
         positive_int(self.shard_size, "shard-size")

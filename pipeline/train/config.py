@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.options import PatchSize, as_flag_errors, load_yaml, positive_int, require
-from scalecert.config import METHODS, CertConfig
+from scalecert.config import CertConfig
 from scalecert.errors import InvalidOption
+from scalecert.methods.registry import available_methods
 from scalecert.models import available_models
 from scalecert.training import FinetuneConfig
 
@@ -66,7 +67,8 @@ class FinetuneRun:
                 f"{', '.join(available_models())}"
             )
         object.__setattr__(self, "patch", str(PatchSize.parse(self.patch)))
-        require(self.method in METHODS, "method", f"one of {', '.join(METHODS)}, got "
+        require(self.method in available_methods(), "method",
+                f"one of {', '.join(available_methods())}, got "
                 f"{self.method!r}")
         positive_int(self.epochs, "epochs")
         positive_int(self.batch_size, "batch-size")

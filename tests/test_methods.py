@@ -1,0 +1,108 @@
+"""The method registry: one module per method behind one name table, listed by `scalecert
+methods`, consulted by CertConfig, the Certifier, fine-tuning and the command line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+from types import MappingProxyType
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import scalecert.methods.registry as registry
+from pipeline.cli import main
+from scalecert import CertConfig, Certifier, create_model
+from scalecert.baselines import OcclusionPredictor
+from scalecert.errors import InvalidOption
+from scalecert.methods import available_methods, load_method, method_info
+from scalecert.occlusion import SinPredictor
+from scalecert.training import defended_logits
+
+
+def test_the_registered_methods_and_their_modules() -> None:
+    assert available_methods() == ("scalecert", "masking")
+    for name in available_methods():
+        info = method_info(name)
+        assert info.name == name and info.guarantee == "detection" and info.summary
+        module = load_method(name)
+        assert module.__name__ == f"scalecert.methods.{name}"
+        assert callable(module.predictor) and callable(module.defended_logits)
+    assert method_info("scalecert").pruned and not method_info("masking").pruned
+
+
+def test_certifier_takes_the_methods_predictor() -> None:
+    model = create_model("cifar_resnet20")
+    kinds = {name: type(Certifier(model, CertConfig(patch_px=5, method=name)).predictor)
+             for name in available_methods()}
+    assert kinds == {"scalecert": SinPredictor, "masking": OcclusionPredictor}
+
+
+@pytest.mark.parametrize("name", [None, "nope", "Masking", 3])
+def test_unknown_methods_are_refused_with_the_registered_ones(name) -> None:
+    with pytest.raises(InvalidOption, match="^method: unknown method .*available: scalecert, "
+                                            "masking"):
+        CertConfig(patch_px=5, method=name)
+
+
+def test_cli_lists_the_methods_and_offers_only_them(tmp_path) -> None:
+    listed = CliRunner().invoke(main, ["methods"])
+    assert listed.exit_code == 0, listed.output
+    lines = listed.output.splitlines()
+    assert [line.split()[:2] for line in lines] == [["scalecert", "detection"],
+                                                    ["masking", "detection"]]
+    refused = CliRunner().invoke(main, ["certify", "--data", str(tmp_path), "--model",
+                                        "cifar_resnet20", "--patch", "5", "--out",
+                                        str(tmp_path / "out"), "--method", "nope"])
+    assert refused.exit_code == 2 and "'nope' is not one of 'scalecert', 'masking'" in refused.output
+
+
+def test_the_name_table_needs_no_torch() -> None:
+    """Options and the report validate method names without importing torch."""
+    code = ("import sys\n"
+            "class Block:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'torch' or name.startswith('torch.'):\n"
+            "            raise ImportError('torch blocked')\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "from scalecert.methods import available_methods, describe_methods\n"
+            "from scalecert.config import CertConfig\n"
+            "CertConfig(patch_px=5, method='masking')\n"
+            "print(available_methods(), len(describe_methods()))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "('scalecert', 'masking') 2"
+
+
+def test_a_new_method_is_one_module_and_one_entry(monkeypatch) -> None:
+    """Registering a module under a new name is all it takes: the config accepts it, the
+    Certifier and fine-tuning use its predictor and forward pass."""
+    module = types.ModuleType("scalecert.methods.masking_again")
+    masking = load_method("masking")
+    calls = []
+    module.predictor = lambda model, config: calls.append("predictor") or masking.predictor(
+        model, config)
+    module.defended_logits = lambda *args: calls.append("logits") or masking.defended_logits(*args)
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    entries = dict(registry._METHODS)
+    entries["masking_again"] = registry.MethodInfo(
+        name="masking_again", guarantee="detection", pruned=False, summary="masking, again")
+    monkeypatch.setattr(registry, "_METHODS", MappingProxyType(entries))
+
+    torch.manual_seed(0)
+    model = create_model("cifar_resnet20")
+    images, labels = torch.rand(3, 3, 32, 32), torch.tensor([0, 1, 2])
+    again = Certifier(model, CertConfig(patch_px=5, method="masking_again")).certify(
+        images, labels)
+    reference = Certifier(model, CertConfig(patch_px=5, method="masking")).certify(images, labels)
+    assert torch.equal(again.mask_predictions, reference.mask_predictions)
+    assert torch.equal(again.vanilla_prediction, again.prediction)  # not pruned: M is the model
+    cert = CertConfig(patch_px=5, method="masking_again")
+    windows = torch.tensor([[0, 0, 9, 9]] * 3)
+    assert torch.equal(defended_logits(model, cert, images, windows),
+                       masking.defended_logits(model, cert, images, windows))
+    assert calls == ["predictor", "logits"]
+    assert "masking_again" in "\n".join(registry.describe_methods())
