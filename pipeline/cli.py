@@ -13,8 +13,6 @@ from scalecert import __version__
 from scalecert.errors import Refusal
 from scalecert.methods.registry import available_methods
 
-METHODS = available_methods()
-
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="scalecert")
@@ -48,7 +46,7 @@ def methods_command() -> None:
 @click.option("--checkpoint", help="State-dict file (local or s3://); default: random weights.")
 @click.option("--patch", "patches", multiple=True,
               help="Patch side in pixels (32) or share of the image area (2%). Repeatable.")
-@click.option("--method", "methods", multiple=True, type=click.Choice(METHODS),
+@click.option("--method", "methods", multiple=True, type=click.Choice(available_methods()),
               help="Defense(s) to certify (`scalecert methods` lists them); repeatable. "
                    "Default: scalecert.")
 @click.option("--top-k", type=float, help="Share of superficial positions SIN pruning keeps (0.15).")
@@ -122,7 +120,7 @@ def _run_and_report(run: Any, quiet: bool) -> None:
 @click.option("--out", help="Output folder (local or s3://): finetune.json, ray-train/ "
               "(a checkpoint per epoch) and <model>-<method>.pt with its .json sidecar.")
 @click.option("--patch", help="Patch size trained for: pixels (5) or share of the area (2.4%).")
-@click.option("--method", type=click.Choice(METHODS),
+@click.option("--method", type=click.Choice(available_methods()),
               help="scalecert: SIN pruning in the forward pass; masking: the unpruned control "
                    "trained on pixel-occluded images (default scalecert).")
 @click.option("--top-k", type=float, help="Share of superficial positions kept (0.15).")

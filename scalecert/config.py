@@ -8,9 +8,8 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from scalecert.errors import InvalidOption
-from scalecert.methods.registry import available_methods, method_info
+from scalecert.methods.registry import method_info
 
-METHODS = available_methods()  # the registered method names (scalecert.methods.registry)
 DEFAULT_MASKS_PER_AXIS = 6
 
 

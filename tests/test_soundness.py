@@ -6,8 +6,8 @@ Every one of the 28 x 28 patch positions is tried with all-0, all-1 and random p
 a patch optimised by gradient ascent on the pruned model's loss at that position.
 
 M(x') is computed for every patched image; detection then runs on each one whose M(x') is not the
-label (the only ones where a wrong output is possible, since detect outputs M(x') or ALERT) and
-on a sample of the others, where the test checks that claim.
+label (the only ones where a wrong output is possible, since detect outputs M(x') or ALERT) or
+nearly is not, and on a sample of the others, where the test checks that claim.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from pipeline.compute.batches import load_image_folder
 from scalecert import ALERT, CertConfig, Certifier, load_model
 from scalecert.occlusion import SinPredictor
+from scalecert.precision import margins
 from scalecert.sin import keep_count, keep_positions, prune, selection_order, sin_scores
 
 pytestmark = pytest.mark.slow
@@ -26,6 +27,7 @@ pytestmark = pytest.mark.slow
 PATCH = 5
 CERTIFIED_IMAGES_TESTED = 2
 UNFOOLED_SAMPLE = 48  # patched images per variant that keep the label, also run through detect
+NEAR_TIE = 0.01  # logits: a patched image whose label leads by less is detected as if fooled
 
 
 def patch_all_positions(image: torch.Tensor, patch: torch.Tensor) -> torch.Tensor:
@@ -107,12 +109,13 @@ def test_certified_images_are_never_misclassified_under_any_patch(certified_case
         for name, patched in variants.items():
             assert len(patched) == positions == 784
             with torch.no_grad():
-                prediction = torch.cat([pruned_logits(predictor, part).argmax(dim=1)
-                                        for part in patched.split(196)])
-            fooled = prediction != label
-            kept = (~fooled).nonzero()[:, 0]
+                logits = torch.cat([pruned_logits(predictor, part) for part in patched.split(196)])
+            fooled = logits.argmax(dim=1) != label
+            # near-ties too: there the library's M(x') (other batch shapes) may round the other way
+            needed = fooled | (margins(logits, torch.full((len(logits),), label)) < NEAR_TIE)
+            kept = (~needed).nonzero()[:, 0]
             sample = kept[torch.randperm(len(kept), generator=generator)[:UNFOOLED_SAMPLE]]
-            checked = torch.cat([fooled.nonzero()[:, 0], sample])
+            checked = torch.cat([needed.nonzero()[:, 0], sample])
             result = certifier.detect(patched[checked])
             wrong = (result.output != label) & (result.output != ALERT)
             assert not bool(wrong.any()), (

@@ -222,6 +222,13 @@ def execute(
             crashed.add(shard)
         in_flight[actors[actor].run.remote(plan.task(shard, crash))] = (shard, actor)
 
+    def lost_attempt(shard: int, exc: Exception) -> None:
+        """A try of ``shard`` died with its worker: retried unless it was the last."""
+        if attempts[shard] >= max_attempts:
+            raise RunFailed(f"shard {shard} failed {attempts[shard]} times: {exc}") from exc
+        print(f"worker lost on shard {shard} (attempt {attempts[shard]}); retrying",
+              file=sys.stderr)
+
     for actor in range(workers):
         for _ in range(2):
             if queue:
@@ -238,10 +245,7 @@ def execute(
             first = actor not in unavailable_since
             since = unavailable_since.setdefault(actor, time.monotonic())
             if first:
-                if attempts[shard] >= max_attempts:
-                    raise RunFailed(f"shard {shard} failed {attempts[shard]} times: {exc}") from exc
-                print(f"worker lost on shard {shard} (attempt {attempts[shard]}); retrying",
-                      file=sys.stderr)
+                lost_attempt(shard, exc)
             elif time.monotonic() - since > 300:
                 raise RunFailed(f"shard {shard}: worker {actor} unavailable for 300 s: "
                                 f"{exc}") from exc
@@ -251,10 +255,7 @@ def execute(
             queue.insert(0, shard)
         except (RayActorError, WorkerCrashedError) as exc:
             unavailable_since.setdefault(actor, time.monotonic())  # it restarts from here on
-            if attempts[shard] >= max_attempts:
-                raise RunFailed(f"shard {shard} failed {attempts[shard]} times: {exc}") from exc
-            print(f"worker lost on shard {shard} (attempt {attempts[shard]}); retrying",
-                  file=sys.stderr)
+            lost_attempt(shard, exc)
             queue.insert(0, shard)
         else:
             unavailable_since.pop(actor, None)
