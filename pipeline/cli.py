@@ -262,8 +262,10 @@ def report_command(run: str, against: str | None, max_drop: float, archive: str 
                f"{comp['shards_present']}/{comp['shards_listed']} shards, "
                f"{report['errors']['images']} errors, {report['clean_alerts']['total']} clean alerts")
     for g in report["groups"]:
-        click.echo(f"  {g['method']:<12} {g['patch_px']:>3} px  certified "
-                   f"{pct(g['certified_accuracy'])}  clean {pct(g['clean_accuracy'])}")
+        recovery = g["guarantee"] == "recovery"  # its clean output is the recovered label
+        click.echo(f"  {g['method']:<17} {g['patch_px']:>3} px  certified "
+                   f"{'recovery ' if recovery else ''}{pct(g['certified_accuracy'])}  "
+                   f"{'recovered ' if recovery else ''}clean {pct(g['clean_accuracy'])}")
     if not comp["complete"]:
         click.echo(f"MISSING shards {[m['index'] for m in comp['missing_shards']]}: "
                    f"{comp['images_missing']} images counted as not certified", err=True)
@@ -272,7 +274,7 @@ def report_command(run: str, against: str | None, max_drop: float, archive: str 
         click.echo(f"audit against {diff['against']} (run {diff['against_run_id']}), "
                    f"max drop {diff['max_drop_pp']:g} pp:")
         for g in diff["groups"]:
-            click.echo(f"  {g['method']:<12} {g['patch_px']:>3} px  certified "
+            click.echo(f"  {g['method']:<17} {g['patch_px']:>3} px  certified "
                        f"{signed_pp(g['certified_accuracy'])}  lost {len(g['lost_certification'])}"
                        f" gained {len(g['gained_certification'])}  "
                        f"{'FAILED' if g['failed'] else 'ok'}")

@@ -75,9 +75,15 @@ class OcclusionPredictor:
     def g_inputs(
         self, batch: Images, image_index: torch.Tensor, boxes: torch.Tensor
     ) -> torch.Tensor:
-        """Each pair's image with the box's pixels set to ``occlusion_value``."""
+        """Each pair's image with the box's pixels set to ``occlusion_value`` (for ``E x J x 4``
+        boxes, the pixels of all J boxes)."""
         pixels = batch.pixels[image_index]
-        masks = box_masks(boxes.to(pixels.device), pixels.shape[2:])
+        boxes = torch.as_tensor(boxes, dtype=torch.int64).to(pixels.device)
+        if boxes.dim() == 2:
+            masks = box_masks(boxes, pixels.shape[2:])
+        else:
+            masks = box_masks(boxes.reshape(-1, 4), pixels.shape[2:]).view(
+                *boxes.shape[:2], 1, *pixels.shape[2:]).any(dim=1)
         value = torch.tensor(self.occlusion_value, dtype=pixels.dtype, device=pixels.device)
         occluded = torch.where(masks, value, pixels)
         return occluded.contiguous(memory_format=torch.channels_last)

@@ -183,7 +183,10 @@ class Certifier:
         self.batch_size = batch_size
         self.image_chunk = image_chunk
         self.full_map = full_map
-        self.predictor: MaskedPredictor = load_method(config.method).predictor(self.model, config)
+        self.method = load_method(config.method)
+        self.predictor: MaskedPredictor = self.method.predictor(self.model, config)
+        # a recovery method's own rule replaces detection (Algorithm 1) and its certificate
+        self.recovery = method_info(config.method).guarantee == "recovery"
         self.fast = fast
         self.runner = GRunner(self.predictor.g, fast, config.margin, self.device, batch_size)
 
@@ -287,6 +290,8 @@ class Certifier:
     def _evaluate_chunk(
         self, batch: PreparedBatch, labels: torch.Tensor | None, family: MaskFamily
     ) -> _Evaluation:
+        if self.recovery:
+            return self._recover_chunk(batch, labels, family)
         boxes = family.boxes()
         n_images, n_masks = len(batch), family.n_masks
         priority = self.predictor.evaluation_priority(batch, boxes)
@@ -334,6 +339,31 @@ class Certifier:
         vanilla = self._vanilla(batch) if undefended else base
         return _Evaluation(base, vanilla, mask_predictions, n_evaluated, min_margin, output,
                            alert_box, recovered)
+
+    def _recover_chunk(
+        self, batch: PreparedBatch, labels: torch.Tensor | None, family: MaskFamily
+    ) -> _Evaluation:
+        """A recovery method's rule (``recover`` of its module) on one chunk: it asks for
+        one-mask and two-mask predictions, which run here in shared batches of g."""
+        boxes = family.boxes()
+        priority = self.predictor.evaluation_priority(batch, boxes)
+        base, base_margin = self._unmasked_runs(batch, labels)
+
+        def run(image_index: torch.Tensor, first: torch.Tensor,
+                second: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+            windows = boxes[first] if second is None else torch.stack(
+                (boxes[first], boxes[second]), dim=1)
+            return self._run_pairs(batch, image_index, windows, labels)
+
+        outcome = self.method.recover(run, base, base_margin, priority > 0, labels,
+                                      self.config.margin, self.batch_size, full=self.full_map)
+        n_images = len(batch)
+        vanilla = (self._vanilla(batch) if labels is not None and method_info(
+            self.config.method).pruned else base)
+        return _Evaluation(
+            base, vanilla, outcome.one_mask, outcome.n_evaluated, outcome.min_margin,
+            outcome.output, torch.tensor([NO_BOX]).repeat(n_images, 1),
+            torch.full((n_images,), ALERT, dtype=torch.int64))
 
     def _run_all(
         self, batch: PreparedBatch, labels: torch.Tensor | None, boxes: torch.Tensor,

@@ -22,9 +22,11 @@ class CertConfig:
     masks_per_axis / mask_stride: the mask grid, given either way (not both); neither means
         6 masks per axis. With masks_per_axis the stride is the smallest that covers the image.
     r: coverage; every patch position lies inside an r x r block of masks.
-    method: a registered method (:mod:`scalecert.methods`): "scalecert" (SIN-pruned model,
-        feature masks) or "masking" (Minority Reports certified detection: unpruned model,
-        pixel occlusion, no skipping).
+    method: a registered method (:mod:`scalecert.methods`, ``scalecert methods`` lists them):
+        "scalecert" (SIN-pruned model, feature masks), "masking" (Minority Reports certified
+        detection: unpruned model, pixel occlusion, no skipping), "patchcleanser" (double
+        masking, certified recovery) or "patchcleanser_sin" (double masking on the SIN-pruned
+        model's features).
     layer: superficial layer to split at (None: the model's default, after the first ReLU).
     margin: every computed prediction must beat its runner-up logit by this much to count
         towards a certificate, so float differences between batch compositions cannot flip it.
@@ -59,7 +61,8 @@ class CertConfig:
             _check_int("masks_per_axis", self.masks_per_axis, minimum=self.r)
         if self.mask_stride is not None:
             _check_int("mask_stride", self.mask_stride, minimum=1)
-        method_info(self.method)  # an unknown method is refused with the registered ones
+        # an unknown method is refused with the registered ones, a family it cannot use too
+        method_info(self.method).check_family(self.r, self.masks_per_axis, self.mask_stride)
         if self.layer is not None and (not isinstance(self.layer, str) or not self.layer):
             raise InvalidOption(f"layer: must be a layer name or None, got {self.layer!r}")
         if not _finite_number(self.margin) or self.margin <= 0:

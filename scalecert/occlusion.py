@@ -65,7 +65,9 @@ class MaskedPredictor(Protocol):
     def g_inputs(
         self, batch: PreparedBatch, image_index: torch.Tensor, boxes: torch.Tensor
     ) -> torch.Tensor:
-        """g's input for each pair (image_index_i, box_i); an empty box means no mask."""
+        """g's input for each pair (image_index_i, boxes_i). ``boxes`` is ``E x 4`` (one
+        window per input) or ``E x J x 4`` (the union of J windows is masked: PatchCleanser's
+        two-mask inputs); an empty box masks nothing."""
         ...
 
     def unmasked_inputs(self, batch: PreparedBatch) -> torch.Tensor:
@@ -153,7 +155,8 @@ class SinPredictor:
     def g_inputs(
         self, batch: StemFeatures, image_index: torch.Tensor, boxes: torch.Tensor
     ) -> torch.Tensor:
-        """A * 1[keep_m] per pair: the SIN selection without the window's footprint.
+        """A * 1[keep_m] per pair: the SIN selection without the window's footprint (without
+        the union of the windows' footprints for ``E x J x 4`` boxes).
 
         keep_m is the first k positions of the image's selection order outside foot(m), so it
         lies within the first k + |foot(m)| of them: only that prefix of the order (for the
@@ -167,12 +170,20 @@ class SinPredictor:
         feature_hw = batch.features.shape[2:]
         positions = batch.order.shape[1]
         k = keep_count(self.top_k, feature_hw)
-        rows, cols = self._footprints_on(feature_hw).axis_hits(boxes)
-        largest = int((rows.sum(dim=1) * cols.sum(dim=1)).max()) if len(rows) else 0
+        boxes = torch.as_tensor(boxes, dtype=torch.int64)
+        per_input = 1 if boxes.dim() == 2 else boxes.shape[1]  # windows masked together
+        rows, cols = self._footprints_on(feature_hw).axis_hits(boxes.reshape(-1, 4))
+        # the union of an input's footprints is at most the sum of their sizes
+        sizes = (rows.sum(dim=1) * cols.sum(dim=1)).view(-1, per_input).sum(dim=1)
+        largest = int(sizes.max()) if len(sizes) else 0
         prefix = batch.order[image_index, :min(positions, k + largest)]
         rows, cols = rows.to(prefix.device), cols.to(prefix.device)
         width = feature_hw[1]
-        excluded = rows.gather(1, prefix // width) & cols.gather(1, prefix % width)
+        prefix_rows, prefix_cols = prefix // width, prefix % width
+        excluded = torch.zeros_like(prefix, dtype=torch.bool)
+        for j in range(per_input):
+            excluded |= (rows[j::per_input].gather(1, prefix_rows)
+                         & cols[j::per_input].gather(1, prefix_cols))
         pair, column = chosen_in_order(excluded, k).nonzero(as_tuple=True)
         pruned = gather_pruned(batch.features, image_index, pair, prefix[pair, column])
         return pruned.contiguous(memory_format=torch.channels_last)

@@ -22,28 +22,36 @@ from scalecert.occlusion import SinPredictor
 from scalecert.training import defended_logits
 
 
+METHODS = ("scalecert", "masking", "patchcleanser", "patchcleanser_sin")
+GUARANTEE = {"scalecert": "detection", "masking": "detection", "patchcleanser": "recovery",
+             "patchcleanser_sin": "recovery"}
+
+
 def test_the_registered_methods_and_their_modules() -> None:
-    assert available_methods() == ("scalecert", "masking")
+    assert available_methods() == METHODS
     for name in available_methods():
         info = method_info(name)
-        assert info.name == name and info.guarantee == "detection" and info.summary
+        assert info.name == name and info.guarantee == GUARANTEE[name] and info.summary
         module = load_method(name)
         assert module.__name__ == f"scalecert.methods.{name}"
         assert callable(module.predictor) and callable(module.defended_logits)
-    assert method_info("scalecert").pruned and not method_info("masking").pruned
+        # a recovery method brings its own rule
+        assert callable(getattr(module, "recover", None)) == (info.guarantee == "recovery")
+    assert [method_info(name).pruned for name in METHODS] == [True, False, False, True]
 
 
 def test_certifier_takes_the_methods_predictor() -> None:
     model = create_model("cifar_resnet20")
     kinds = {name: type(Certifier(model, CertConfig(patch_px=5, method=name)).predictor)
              for name in available_methods()}
-    assert kinds == {"scalecert": SinPredictor, "masking": OcclusionPredictor}
+    assert kinds == {"scalecert": SinPredictor, "masking": OcclusionPredictor,
+                     "patchcleanser": OcclusionPredictor, "patchcleanser_sin": SinPredictor}
 
 
 @pytest.mark.parametrize("name", [None, "nope", "Masking", 3])
 def test_unknown_methods_are_refused_with_the_registered_ones(name) -> None:
     with pytest.raises(InvalidOption, match="^method: unknown method .*available: scalecert, "
-                                            "masking"):
+                                            "masking, patchcleanser, patchcleanser_sin$"):
         CertConfig(patch_px=5, method=name)
 
 
@@ -51,12 +59,12 @@ def test_cli_lists_the_methods_and_offers_only_them(tmp_path) -> None:
     listed = CliRunner().invoke(main, ["methods"])
     assert listed.exit_code == 0, listed.output
     lines = listed.output.splitlines()
-    assert [line.split()[:2] for line in lines] == [["scalecert", "detection"],
-                                                    ["masking", "detection"]]
+    assert [line.split()[:2] for line in lines] == [[name, GUARANTEE[name]] for name in METHODS]
     refused = CliRunner().invoke(main, ["certify", "--data", str(tmp_path), "--model",
                                         "cifar_resnet20", "--patch", "5", "--out",
                                         str(tmp_path / "out"), "--method", "nope"])
-    assert refused.exit_code == 2 and "'nope' is not one of 'scalecert', 'masking'" in refused.output
+    assert refused.exit_code == 2 and ("'nope' is not one of 'scalecert', 'masking', "
+                                       "'patchcleanser', 'patchcleanser_sin'") in refused.output
 
 
 def test_the_name_table_needs_no_torch() -> None:
@@ -74,7 +82,7 @@ def test_the_name_table_needs_no_torch() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120, check=False)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "('scalecert', 'masking') 2"
+    assert done.stdout.strip() == f"{METHODS} 4"
 
 
 def test_a_new_method_is_one_module_and_one_entry(monkeypatch) -> None:

@@ -195,3 +195,49 @@ def test_imagenet_sample_with_resnet50(ray_session, tmp_path, shared_dir) -> Non
     assert [r["label"] for r in sorted(rows, key=lambda r: r["image_id"])] == [
         synsets.index(r["image_id"].split("/")[0]) for r in sorted(rows, key=lambda r: r["image_id"])]
 
+
+
+def test_recovery_beside_detection_in_one_run_and_its_report(
+    ray_session, tmp_path, cifar10_test_dir
+) -> None:
+    """PatchCleanser and the masking baseline on the same images and windows, in one run:
+    recovery rows never alert, equal the library's, and the report keeps them apart."""
+    checkpoint = Path(__file__).resolve().parent.parent / "models" / "cifar10-resnet20-masking-2.4.pt"
+    data = copy_class_subset(cifar10_test_dir, tmp_path / "cifar", per_class=2)
+    out = tmp_path / "run"
+    code, output = certify("--data", str(data), "--model", "cifar_resnet20", "--checkpoint",
+                           str(checkpoint), "--patch", "2.4%", "--method", "masking",
+                           "--method", "patchcleanser", "--out", str(out))
+    assert code == 0, output
+    rows = [r for r in read_rows(out) if r["method"] == "patchcleanser"]
+    assert len(rows) == 20 and all(r["status"] == "ok" for r in rows)
+    assert all(r["clean_output"] >= 0 and r["alert_box"] is None
+               and r["recovered_prediction"] is None for r in rows)
+    images, labels = load_image_folder(data)
+    model = load_model("cifar_resnet20", checkpoint=checkpoint)
+    direct = Certifier(model, CertConfig(patch_px=5, method="patchcleanser"),
+                       full_map=False).certify(images, labels)
+    ids = sorted(p.relative_to(data).as_posix() for p in data.glob("*/*"))
+    by_id = {r["image_id"]: r for r in rows}
+    assert [by_id[i]["certified"] for i in ids] == direct.certified.tolist()
+    assert [by_id[i]["clean_output"] for i in ids] == direct.clean_output.tolist()
+    assert [by_id[i]["n_evaluated"] for i in ids] == direct.n_evaluated.tolist()
+
+    reported = CliRunner().invoke(main, ["report", str(out)])
+    assert reported.exit_code == 0, reported.output
+    assert "patchcleanser       5 px  certified recovery " in reported.output
+    doc = json.loads((out / "report.json").read_text())
+    groups = {g["method"]: g for g in doc["groups"]}
+    assert groups["patchcleanser"]["guarantee"] == "recovery"
+    assert groups["patchcleanser"]["false_alert_rate"] is None
+    assert groups["masking"]["guarantee"] == "detection"
+    assert groups["masking"]["false_alert_rate"]["n"] == 20
+    assert groups["patchcleanser"]["certified_accuracy"]["successes"] == int(direct.certified.sum())
+    markdown = (out / "report.md").read_text()
+    detection_at = markdown.index("### Certified detection")
+    recovery_at = markdown.index("### Certified recovery")
+    recovery_table = markdown[recovery_at:].split("\n\n")[1]
+    assert "| patchcleanser | 5 px |" in recovery_table and "false alerts" not in recovery_table
+    assert "| masking | 5 px |" in markdown[detection_at:recovery_at]
+    page = (out / "report.html").read_text()
+    assert 'id="measured-recovery"' in page and "measured: patchcleanser (recovery)" in page

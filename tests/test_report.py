@@ -158,7 +158,7 @@ def test_report_matches_the_parquet_rows(tmp_path: Path) -> None:
     assert all(p["published"] and p["url"] for p in doc["published"])
     md = (run / "report.md").read_text()
     assert "## Published (not measured here)" in md and "| published | ScaleCert |" in md
-    assert "scalecert      5 px  certified" in output
+    assert "scalecert           5 px  certified" in output
 
 
 def test_error_rows_count_as_failures_and_are_listed(tmp_path: Path) -> None:

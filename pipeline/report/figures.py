@@ -16,9 +16,10 @@ report.json (``schema = "scalecert-report/1"``; keys are stable, new ones may be
   first, last}], images_listed, images_with_rows, images_missing
 - ``errors``: images (count), items [{image_id, label, error}]
 - ``definitions``: metric name -> what it counts, over what
-- ``groups``: one per (method, patch_px): method, patch_px, patch_area_percent, images,
-  ok_images, error_images, missing_images; vanilla_accuracy, pruned_accuracy, clean_accuracy,
-  certified_accuracy, false_alert_rate as {value, successes, n, ci95: [lo, hi]} (fractions);
+- ``groups``: one per (method, patch_px): method, guarantee (detection or recovery), patch_px,
+  patch_area_percent, images, ok_images, error_images, missing_images; vanilla_accuracy,
+  pruned_accuracy, clean_accuracy, certified_accuracy, false_alert_rate (None for recovery)
+  as {value, successes, n, ci95: [lo, hi]} (fractions);
   masks {per_image, evaluated_mean, evaluated_p50, evaluated_p95, histogram [[n_evaluated,
   images]]}; latency_ms {mean, p50, p95}; images_per_s; worst_classes [{label, name,
   certified_accuracy}]
@@ -52,7 +53,11 @@ DEFINITIONS = MappingProxyType({
     "clean_accuracy": "clean_output == label (detection on the clean image returns the label), "
                       "over all listed images",
     "certified_accuracy": "certified, over all listed images",
-    "false_alert_rate": "clean_output == -1 (ALERT on the clean image), over rows with status ok",
+    "false_alert_rate": "clean_output == -1 (ALERT on the clean image), over rows with status ok; "
+                        "none for recovery methods, which never alert",
+    "guarantee": "detection: a certified image gets its label or ALERT under any patch; "
+                 "recovery: a certified image gets its label under any patch, and clean_output "
+                 "is the recovered prediction (clean accuracy is recovered clean accuracy)",
     "errors_and_missing": "error rows and images of missing shards count as not correct and not "
                           "certified in every accuracy",
     "ci95": "95% Wilson score interval",

@@ -75,7 +75,7 @@ def certified_plot(report: dict[str, Any]) -> str:
                 f'<title>measured {_e(method)} {px} px: {pct(p)}</title></circle></g>')
         parts.append(f'<circle cx="{width - right + 20}" cy="{legend_y}" r="4.5" fill="{colour}"/>'
                      f'<text x="{width - right + 30}" y="{legend_y + 4}" font-size="12">'
-                     f'measured: {_e(method)}</text>')
+                     f'measured: {_e(method)}{guarantee_note(groups, method)}</text>')
         legend_y += 18
     for p in published:
         x, y = sx(p["patch_px"]), sy(p["certified_accuracy"] / 100)
@@ -100,6 +100,12 @@ def certified_plot(report: dict[str, Any]) -> str:
     parts.append(f'<text x="{width - right + 14}" y="{height - 30}" font-size="11" '
                  'fill="#555">bars: 95% Wilson interval</text>')
     return "".join(parts) + "</svg>"
+
+
+def guarantee_note(groups: list[dict[str, Any]], method: str) -> str:
+    """The legend suffix ' (recovery)' of a recovery method: its points certify recovery."""
+    return " (recovery)" if any(g["method"] == method and g["guarantee"] == "recovery"
+                                for g in groups) else ""
 
 
 def masks_histogram(group: dict[str, Any]) -> str:
@@ -180,22 +186,40 @@ def render_html(report: dict[str, Any], thumbs: list[Thumbnail]) -> str:
 
 
 def _groups_table(report: dict[str, Any]) -> str:
-    head = ("<table id=\"measured\"><tr><th>method</th><th>patch</th><th>images</th><th>errors"
-            "</th><th>vanilla</th><th>pruned</th><th>clean</th><th>certified</th><th>false "
-            "alerts</th><th>masks eval. mean / p50 / p95 of total</th><th>latency ms mean / "
-            "p50 / p95</th><th>images/s*</th></tr>")
-    rows = []
-    for g in report["groups"]:
-        m, lat = g["masks"], g["latency_ms"]
-        cells = [g["method"], f"{g['patch_px']} px", g["images"], g["error_images"],
-                 *(pct(g[a]) for a in (*ACCURACIES, "false_alert_rate")),
-                 f"{num(m['evaluated_mean'])} / {num(m['evaluated_p50'])} / "
-                 f"{num(m['evaluated_p95'])} of {m['per_image']}",
-                 f"{num(lat['mean'], 2)} / {num(lat['p50'], 2)} / {num(lat['p95'], 2)}",
-                 num(g["images_per_s"])]
-        rows.append("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in cells) + "</tr>")
-    return (head + "".join(rows) + "</table><p>Accuracies over all listed images, false alerts "
-            "over ok rows, [95% Wilson interval]. *images/s = 1000 / mean latency_ms.</p>")
+    """The measured figures, one table per guarantee (``table#measured``: detection,
+    ``table#measured-recovery``: recovery, which has no false alerts and whose clean accuracy
+    is the recovered prediction's)."""
+    tables = []
+    for guarantee, ident, caption in (
+            ("detection", "measured", "Certified detection: the label or ALERT under any patch"),
+            ("recovery", "measured-recovery",
+             "Certified recovery: the label under any patch (never alerts)")):
+        groups = [g for g in report["groups"] if g["guarantee"] == guarantee]
+        if not groups:
+            continue
+        detection = guarantee == "detection"
+        columns = ["method", "patch", "images", "errors", "vanilla", "pruned",
+                   "clean" if detection else "recovered clean", "certified",
+                   *(["false alerts"] if detection else []),
+                   "masks eval. mean / p50 / p95 of total", "latency ms mean / p50 / p95",
+                   "images/s*"]
+        rows = []
+        for g in groups:
+            m, lat = g["masks"], g["latency_ms"]
+            cells = [g["method"], f"{g['patch_px']} px", g["images"], g["error_images"],
+                     *(pct(g[a]) for a in ACCURACIES),
+                     *([pct(g["false_alert_rate"])] if detection else []),
+                     f"{num(m['evaluated_mean'])} / {num(m['evaluated_p50'])} / "
+                     f"{num(m['evaluated_p95'])} of {m['per_image']}",
+                     f"{num(lat['mean'], 2)} / {num(lat['p50'], 2)} / {num(lat['p95'], 2)}",
+                     num(g["images_per_s"])]
+            rows.append("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in cells) + "</tr>")
+        tables.append(f"<table id=\"{ident}\"><caption>{_e(caption)}</caption><tr>"
+                      + "".join(f"<th>{_e(c)}</th>" for c in columns) + "</tr>"
+                      + "".join(rows) + "</table>")
+    return ("".join(tables) + "<p>Accuracies over all listed images, false alerts over ok rows, "
+            "[95% Wilson interval]. *images/s = 1000 / mean latency_ms. A recovery method's "
+            "masks are its one-mask windows; evaluated counts one- and two-mask inputs.</p>")
 
 
 def _published_table(published: list[dict[str, Any]]) -> str:

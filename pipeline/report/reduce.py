@@ -17,6 +17,9 @@ missing images count as failures), each with a 95% Wilson score interval:
 - ``false_alert_rate``: rows with status ok and clean_output == -1 (ALERT on the clean image,
   whatever the label) over rows with status ok: a property of the detector on inputs it ran
   on, so error rows and missing images are left out of this one and reported separately.
+  None for a recovery method (``guarantee``, from the method registry), which never alerts:
+  its ``clean_output`` is the recovered prediction, so ``clean_accuracy`` is recovered clean
+  accuracy and ``certified_accuracy`` certified recovery.
 Masks: ``n_masks`` per image and ``n_evaluated`` (mean, p50, p95, histogram) over ok rows.
 Latency: mean / p50 / p95 of ``latency_ms`` over ok rows (the per-image share of the batch's
 wall time); ``images_per_s = 1000 / mean latency_ms``, a per-worker figure from the rows, not
@@ -43,7 +46,8 @@ import pyarrow as pa
 
 from pipeline.io import storage
 from pipeline.io.certificates import part_location, read_metadata, read_table
-from scalecert.errors import OutputConflict
+from scalecert.errors import InvalidOption, OutputConflict
+from scalecert.methods.registry import method_info
 
 Z95 = 1.959963984540054
 NO_LABEL_NAME = "(no label)"
@@ -246,8 +250,17 @@ def outcomes(rows: pd.DataFrame) -> dict[str, pd.Series]:
 ACCURACIES = ("vanilla_accuracy", "pruned_accuracy", "clean_accuracy", "certified_accuracy")
 
 
+def guarantee_of(run: RunData, method: str) -> str:
+    """``detection`` or ``recovery``: what the method's certificates mean (the registry's)."""
+    try:
+        return method_info(method).guarantee
+    except InvalidOption as exc:
+        raise ReportRefused(f"{run.location}: {exc} (a run of another version?)") from None
+
+
 def summarise_group(run: RunData, method: str, patch_px: int, worst: int = 10) -> dict[str, Any]:
     """The figures of one (method, patch_px) (see the module docstring)."""
+    guarantee = guarantee_of(run, method)
     rows = group_rows(run, method, patch_px)
     n = run.images
     flags = outcomes(rows)
@@ -259,14 +272,15 @@ def summarise_group(run: RunData, method: str, patch_px: int, worst: int = 10) -
     values, counts = np.unique(evaluated.astype(int), return_counts=True)
     side = int(run.manifest.get("image_side") or 0)
     summary: dict[str, Any] = {
-        "method": method, "patch_px": patch_px,
+        "method": method, "guarantee": guarantee, "patch_px": patch_px,
         "patch_area_percent": 100.0 * patch_px ** 2 / side ** 2 if side else None,
         "images": n, "ok_images": n_ok, "error_images": len(rows) - n_ok,
         "missing_images": n - len(rows),
     }
     for name in ACCURACIES:
         summary[name] = wilson(int(flags[name].sum()), n).to_dict()
-    summary["false_alert_rate"] = wilson(int(flags["alert"].sum()), n_ok).to_dict()
+    summary["false_alert_rate"] = (None if guarantee == "recovery"
+                                   else wilson(int(flags["alert"].sum()), n_ok).to_dict())
     summary["masks"] = {
         "per_image": int(ok_rows["n_masks"].max()) if n_ok else None,
         "evaluated_mean": _mean(evaluated), "evaluated_p50": _percentile(evaluated, 50),

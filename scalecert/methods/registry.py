@@ -3,7 +3,8 @@ report validate and list methods through this); :func:`load_method` imports a me
 
 One immutable mapping, like the model registry. Method ``name`` lives in the module
 ``scalecert.methods.<name>``, which defines ``predictor(model, config)`` and
-``defended_logits(model, config, images, windows)``.
+``defended_logits(model, config, images, windows)``; a ``recovery`` method's module also defines
+``recover`` (its rule, which :class:`~scalecert.certify.Certifier` drives instead of detection).
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ from types import MappingProxyType, ModuleType
 
 from scalecert.errors import InvalidOption
 
-GUARANTEES = ("detection",)
+# detection: a certified image is labelled right or ALERT under any patch (the defense may
+# alert); recovery: a certified image is labelled right under any patch (it never alerts)
+GUARANTEES = ("detection", "recovery")
+MAX_RECOVERY_MASKS_PER_AXIS = 10  # 100 windows, 4,950 pairs: double masking's cost is quadratic
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,35 @@ class MethodInfo:
         if self.guarantee not in GUARANTEES:
             raise InvalidOption(f"guarantee: one of {GUARANTEES}, got {self.guarantee!r}")
 
+    @property
+    def limits(self) -> str:
+        """The window families the method accepts, in words (``scalecert methods``)."""
+        if self.guarantee == "recovery":
+            return (f"r = 1; masks_per_axis 2 to {MAX_RECOVERY_MASKS_PER_AXIS} (every pair of "
+                    "windows runs: n^2/2 per image); no mask_stride")
+        return "any r, masks_per_axis or mask_stride"
+
+    def check_family(self, r: int, masks_per_axis: int | None, mask_stride: int | None) -> None:
+        """Refuse a window family the method cannot certify with (recovery: PatchCleanser's
+        argument needs one window covering the patch, r = 1, and runs every pair of windows,
+        so their number is bounded and must be known before any image is read)."""
+        if self.guarantee != "recovery":
+            return
+        where = f"method {self.name}"
+        if r != 1:
+            raise InvalidOption(f"r: {where} needs r = 1 (one window covers the patch), got {r}")
+        if mask_stride is not None:
+            raise InvalidOption(
+                f"mask_stride: {where} takes masks_per_axis, not mask_stride (its pair count "
+                "must be known before the image size is)")
+        if masks_per_axis is None or not 2 <= masks_per_axis <= MAX_RECOVERY_MASKS_PER_AXIS:
+            count = "?" if masks_per_axis is None else masks_per_axis ** 2
+            raise InvalidOption(
+                f"masks_per_axis: {where} takes 2 to {MAX_RECOVERY_MASKS_PER_AXIS} masks per "
+                f"axis (at most {MAX_RECOVERY_MASKS_PER_AXIS ** 2} windows, "
+                f"{MAX_RECOVERY_MASKS_PER_AXIS ** 2 * (MAX_RECOVERY_MASKS_PER_AXIS ** 2 - 1) // 2}"
+                f" pairs per image), got {masks_per_axis} ({count} windows)")
+
 
 _METHODS: Mapping[str, MethodInfo] = MappingProxyType({
     "scalecert": MethodInfo(
@@ -42,6 +75,15 @@ _METHODS: Mapping[str, MethodInfo] = MappingProxyType({
         name="masking", guarantee="detection", pruned=False,
         summary="Minority Reports certified detection: the unpruned model on images with each "
                 "window's pixels occluded"),
+    "patchcleanser": MethodInfo(
+        name="patchcleanser", guarantee="recovery", pruned=False,
+        summary="PatchCleanser double masking (certified recovery): the unpruned model on "
+                "images with one, then two windows' pixels occluded"),
+    "patchcleanser_sin": MethodInfo(
+        name="patchcleanser_sin", guarantee="recovery", pruned=True,
+        summary="double masking on the SIN-pruned model: one or two windows' footprints "
+                "removed from the superficial features; pairs that miss the kept positions "
+                "need no run"),
 })
 
 
@@ -68,5 +110,5 @@ def load_method(name: str) -> ModuleType:
 def describe_methods() -> list[str]:
     """One line per method: name, guarantee, summary."""
     width = max(len(name) for name in _METHODS)
-    return [f"{info.name:<{width}}  {info.guarantee:<9}  {info.summary}"
+    return [f"{info.name:<{width}}  {info.guarantee:<9}  {info.summary} [{info.limits}]"
             for info in _METHODS.values()]
