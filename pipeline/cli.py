@@ -54,6 +54,10 @@ def methods_command() -> None:
 @click.option("--r", type=int, help="Coverage r: each patch lies in an r x r block of masks (1).")
 @click.option("--layer", help="Superficial layer to split at (default: after the first ReLU).")
 @click.option("--margin", type=float, help="Logit margin every certifying prediction needs (1e-3).")
+@click.option("--alert-confidence", type=float,
+              help="TAU in (0, 1): detection alerts only on a window that disagrees with "
+                   "softmax confidence >= TAU, and certificates need every window at >= TAU "
+                   "(detection methods, r = 1). Default: off (any disagreement alerts).")
 @click.option("--full-map/--no-full-map", default=None,
               help="Run every mask and store each image's per-mask predictions (audits). "
                    "Default: stop an image's masks once its outcome is settled (r = 1).")

@@ -22,7 +22,7 @@ from scalecert.masks import MaskFamily
 from scalecert.methods import load_method, method_info
 from scalecert.models.base import StagedClassifier
 from scalecert.occlusion import EMPTY_BOX, MaskedPredictor, PreparedBatch, SinPredictor
-from scalecert.precision import FastPath, GRunner
+from scalecert.precision import FastPath, GRunner, top_confidence
 from scalecert.precision import (
     margins as logit_margins,  # not `margins`: a local name below
 )
@@ -58,6 +58,13 @@ class CertifyResult:
     clean_output: torch.Tensor  # N int64: detect(x), the label or -1 (ALERT)
     alert_box: torch.Tensor  # N x 4 int64, -1 rows where detect(x) raised no located alert
     recovered_prediction: torch.Tensor  # N int64, -1 where none
+    # N float32, detection methods (NaN for recovery): the least softmax confidence of a
+    # window's prediction, and the largest of a window disagreeing with M(x) (0: none). With
+    # the full map they give the certificate and the clean detection at any alert confidence
+    # TAU: certified(TAU) = certified and min_confidence >= TAU + margin / 2; ALERT on the
+    # clean image iff max_alert_confidence >= TAU (work avoidance: over the windows run).
+    min_confidence: torch.Tensor
+    max_alert_confidence: torch.Tensor
 
 
 def locate_block(base: int, grid: torch.Tensor, r: int) -> tuple[int, int] | None:
@@ -116,10 +123,12 @@ class _PairRuns:
 
     base: torch.Tensor  # N predictions M(x)
     base_margin: torch.Tensor  # N
+    base_confidence: torch.Tensor  # N
     image_of: torch.Tensor  # E image index of each evaluated pair
     mask_of: torch.Tensor  # E window index
     predictions: torch.Tensor  # E
     margins: torch.Tensor  # E
+    confidences: torch.Tensor  # E, softmax probability of each prediction
 
 
 @dataclass(frozen=True)
@@ -132,6 +141,17 @@ class _Evaluation:
     output: torch.Tensor
     alert_box: torch.Tensor
     recovered: torch.Tensor
+    min_confidence: torch.Tensor
+    max_alert_confidence: torch.Tensor
+
+
+@dataclass(frozen=True)
+class _Runs:
+    """Predictions of g on some pairs, their margins and their softmax confidences."""
+
+    predictions: torch.Tensor
+    margins: torch.Tensor
+    confidences: torch.Tensor
 
 
 def default_batch_size(device: str | torch.device) -> int:
@@ -188,7 +208,11 @@ class Certifier:
         # a recovery method's own rule replaces detection (Algorithm 1) and its certificate
         self.recovery = method_info(config.method).guarantee == "recovery"
         self.fast = fast
-        self.runner = GRunner(self.predictor.g, fast, config.margin, self.device, batch_size)
+        # the alert-confidence rule decides on TAU (alerts) and TAU + margin / 2 (certificates)
+        levels = (() if config.alert_confidence is None
+                  else (config.alert_confidence, config.certificate_confidence))
+        self.runner = GRunner(self.predictor.g, fast, config.margin, self.device, batch_size,
+                              confidence_levels=levels)
 
     def mask_family(self, height: int, width: int | None = None) -> MaskFamily:
         cfg = self.config
@@ -240,10 +264,13 @@ class Certifier:
         (:class:`CertifierGroup`) checks them once and calls this for each setting."""
         evaluation = self._evaluate(images, labels, prepared)
         n = len(images)
+        certified = evaluation.min_margin >= self.config.margin
+        if self.config.alert_confidence is not None:
+            certified &= evaluation.min_confidence >= self.config.certificate_confidence
         return CertifyResult(
             prediction=evaluation.base,
             vanilla_prediction=evaluation.vanilla,
-            certified=evaluation.min_margin >= self.config.margin,
+            certified=certified,
             n_masks=torch.full((n,), evaluation.mask_predictions.shape[1], dtype=torch.int64),
             n_evaluated=evaluation.n_evaluated,
             min_margin=evaluation.min_margin,
@@ -251,6 +278,8 @@ class Certifier:
             clean_output=evaluation.output,
             alert_box=evaluation.alert_box,
             recovered_prediction=evaluation.recovered,
+            min_confidence=evaluation.min_confidence,
+            max_alert_confidence=evaluation.max_alert_confidence,
         )
 
     @torch.no_grad()
@@ -310,17 +339,32 @@ class Certifier:
         min_margin = runs.base_margin.clone()
         min_margin.scatter_reduce_(0, image_of, runs.margins, reduce="amin")
         n_evaluated = torch.bincount(image_of, minlength=n_images)
+        # confidences of the windows (not of M(x) itself): skipped windows have M(x)'s,
+        # unevaluated ones count in neither extreme (1 is neutral for the minimum)
+        skipped = (priority == 0).any(dim=1)
+        min_confidence = torch.where(skipped, runs.base_confidence, torch.ones(n_images))
+        min_confidence.scatter_reduce_(0, image_of, runs.confidences, reduce="amin")
+        disagreeing = runs.predictions != base[image_of]
+        max_alert_confidence = torch.zeros(n_images)
+        max_alert_confidence.scatter_reduce_(
+            0, image_of[disagreeing], runs.confidences[disagreeing], reduce="amax")
+        # the alert-confidence rule: a window disagreeing below TAU counts as agreeing
+        voting = mask_predictions
+        tau = self.config.alert_confidence
+        if tau is not None:
+            voting = mask_predictions.clone()
+            quiet = disagreeing & (runs.confidences < tau)
+            voting[image_of[quiet], mask_of[quiet]] = base[image_of[quiet]]
 
         output = base.clone()
         alert_box = torch.tensor([NO_BOX]).repeat(n_images, 1)
         recovered = torch.full((n_images,), ALERT, dtype=torch.int64)
         # Algorithm 1 image by image only where some window disagrees with M(x): the others
         # (most images) output M(x) with no box, which one vectorised test settles
-        agrees = ((mask_predictions == base[:, None])
-                  | (mask_predictions == NOT_EVALUATED)).all(dim=1)
+        agrees = ((voting == base[:, None]) | (voting == NOT_EVALUATED)).all(dim=1)
         located, boxes_of_located, windows_of_located = [], [], []
         for i in (~agrees).nonzero()[:, 0].tolist():
-            output[i], block = detect_outcome(int(base[i]), mask_predictions[i], family,
+            output[i], block = detect_outcome(int(base[i]), voting[i], family,
                                               priority[i], None if order is None else order[i])
             if block is not None:
                 located.append(i)
@@ -332,13 +376,13 @@ class Certifier:
             if family.r == 1:  # the block is one window, whose prediction is already known
                 recovered[index] = mask_predictions[index, torch.tensor(windows_of_located)]
             else:
-                recovered[index], _ = self._run_pairs(batch, index, alert_box[index], None)
+                recovered[index] = self._run_pairs(batch, index, alert_box[index], None).predictions
         # the undefended model (certify only): g on the unpruned stem features for a pruned
         # method (scalecert); otherwise M(x) is the undefended model already
         undefended = labels is not None and method_info(self.config.method).pruned
         vanilla = self._vanilla(batch) if undefended else base
         return _Evaluation(base, vanilla, mask_predictions, n_evaluated, min_margin, output,
-                           alert_box, recovered)
+                           alert_box, recovered, min_confidence, max_alert_confidence)
 
     def _recover_chunk(
         self, batch: PreparedBatch, labels: torch.Tensor | None, family: MaskFamily
@@ -347,44 +391,46 @@ class Certifier:
         one-mask and two-mask predictions, which run here in shared batches of g."""
         boxes = family.boxes()
         priority = self.predictor.evaluation_priority(batch, boxes)
-        base, base_margin = self._unmasked_runs(batch, labels)
+        unmasked = self._unmasked_runs(batch, labels)
+        base, base_margin = unmasked.predictions, unmasked.margins
 
         def run(image_index: torch.Tensor, first: torch.Tensor,
                 second: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
             windows = boxes[first] if second is None else torch.stack(
                 (boxes[first], boxes[second]), dim=1)
-            return self._run_pairs(batch, image_index, windows, labels)
+            runs = self._run_pairs(batch, image_index, windows, labels)
+            return runs.predictions, runs.margins
 
         outcome = self.method.recover(run, base, base_margin, priority > 0, labels,
                                       self.config.margin, self.batch_size, full=self.full_map)
         n_images = len(batch)
         vanilla = (self._vanilla(batch) if labels is not None and method_info(
             self.config.method).pruned else base)
+        no_confidence = torch.full((n_images,), float("nan"))  # a detection rule's figure
         return _Evaluation(
             base, vanilla, outcome.one_mask, outcome.n_evaluated, outcome.min_margin,
             outcome.output, torch.tensor([NO_BOX]).repeat(n_images, 1),
-            torch.full((n_images,), ALERT, dtype=torch.int64))
+            torch.full((n_images,), ALERT, dtype=torch.int64), no_confidence, no_confidence)
 
     def _run_all(
         self, batch: PreparedBatch, labels: torch.Tensor | None, boxes: torch.Tensor,
         priority: torch.Tensor,
     ) -> _PairRuns:
         """M(x) and every window the skip lemma does not spare."""
-        base, base_margin = self._unmasked_runs(batch, labels)
+        unmasked = self._unmasked_runs(batch, labels)
         image_of, mask_of = (priority > 0).nonzero(as_tuple=True)
-        predictions, margins = self._run_pairs(batch, image_of, boxes[mask_of], labels)
-        return _PairRuns(base, base_margin, image_of, mask_of, predictions, margins)
+        runs = self._run_pairs(batch, image_of, boxes[mask_of], labels)
+        return _PairRuns(unmasked.predictions, unmasked.margins, unmasked.confidences,
+                         image_of, mask_of, runs.predictions, runs.margins, runs.confidences)
 
     def _memo_key(self, kind: str, labels: torch.Tensor | None) -> tuple:
         """What a memoised result of the prepared batch depends on besides its images."""
-        return (kind, self.fast, self.config.margin,
+        return (kind, self.fast, self.config.margin, self.runner.confidence_levels,
                 None if labels is None else labels.numpy().tobytes())
 
-    def _unmasked_runs(
-        self, batch: PreparedBatch, labels: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """M(x) and its margins: computed once per prepared batch, shared by the certifiers
-        that share it (patch sizes do not change M(x))."""
+    def _unmasked_runs(self, batch: PreparedBatch, labels: torch.Tensor | None) -> _Runs:
+        """M(x), its margins and confidences: computed once per prepared batch, shared by the
+        certifiers that share it (patch sizes do not change M(x))."""
         key = self._memo_key("M(x)", labels)
         if key not in batch.memo:
             n_images = len(batch)
@@ -402,7 +448,11 @@ class Certifier:
         its remaining windows are left unevaluated. Images share g's batches round by round.
         ``order`` is :func:`evaluation_order` of ``priority`` (sorted once per chunk)."""
         n_images = len(batch)
-        base, base_margin = self._unmasked_runs(batch, labels)
+        unmasked = self._unmasked_runs(batch, labels)
+        base = unmasked.predictions
+        # a window disagreeing with M(x) below the alert confidence settles nothing: detection
+        # goes on to the next window (and the certificate has failed already)
+        tau = 0.0 if self.config.alert_confidence is None else self.config.alert_confidence
         # per image: needed windows, highest priority first (ties: family order); plain
         # Python lists, read once, rather than one tensor lookup per window
         needed = torch.gather(priority > 0, 1, order).tolist()
@@ -410,7 +460,7 @@ class Certifier:
                   for row, row_needed in zip(order.tolist(), needed)]
         done = [0] * n_images
         settled = [False] * n_images
-        image_of, mask_of, predictions, margins = [], [], [], []
+        image_of, mask_of, predictions, margins, confidences = [], [], [], [], []
         while True:
             active = [i for i in range(n_images) if not settled[i] and done[i] < len(queues[i])]
             if not active:
@@ -423,18 +473,22 @@ class Certifier:
                 round_images += [i] * len(taken)
                 round_masks += taken
             index, masks = torch.tensor(round_images), torch.tensor(round_masks)
-            round_predictions, round_margins = self._run_pairs(batch, index, boxes[masks], labels)
-            for i in set(index[round_predictions != base[index]].tolist()):
+            runs = self._run_pairs(batch, index, boxes[masks], labels)
+            alerting = (runs.predictions != base[index]) & (runs.confidences >= tau)
+            for i in set(index[alerting].tolist()):
                 settled[i] = True
             image_of.append(index)
             mask_of.append(masks)
-            predictions.append(round_predictions)
-            margins.append(round_margins)
+            predictions.append(runs.predictions)
+            margins.append(runs.margins)
+            confidences.append(runs.confidences)
         if not image_of:
             empty = torch.zeros(0, dtype=torch.int64)
-            return _PairRuns(base, base_margin, empty, empty, empty, torch.zeros(0))
-        return _PairRuns(base, base_margin, torch.cat(image_of), torch.cat(mask_of),
-                         torch.cat(predictions), torch.cat(margins))
+            return _PairRuns(base, unmasked.margins, unmasked.confidences, empty, empty, empty,
+                             torch.zeros(0), torch.zeros(0))
+        return _PairRuns(base, unmasked.margins, unmasked.confidences, torch.cat(image_of),
+                         torch.cat(mask_of), torch.cat(predictions), torch.cat(margins),
+                         torch.cat(confidences))
 
     def _run_pairs(
         self,
@@ -442,9 +496,10 @@ class Certifier:
         image_index: torch.Tensor,
         boxes: torch.Tensor,
         labels: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Predictions and margins of F(x_i, box_i), ``batch_size`` pairs per run of g."""
-        predictions, pair_margins = [], []
+    ) -> _Runs:
+        """Predictions, margins and confidences of F(x_i, box_i), ``batch_size`` pairs per run
+        of g."""
+        predictions, pair_margins, confidences = [], [], []
         for start in range(0, len(image_index), self.batch_size):
             index = image_index[start:start + self.batch_size]
             pair_labels = None if labels is None else labels[index]
@@ -453,9 +508,10 @@ class Certifier:
             logits = self.runner(inputs, pair_labels).cpu()
             predictions.append(logits.argmax(dim=1))
             pair_margins.append(logit_margins(logits, pair_labels))
+            confidences.append(top_confidence(logits))
         if not predictions:
-            return torch.zeros(0, dtype=torch.int64), torch.zeros(0)
-        return torch.cat(predictions), torch.cat(pair_margins)
+            return _Runs(torch.zeros(0, dtype=torch.int64), torch.zeros(0), torch.zeros(0))
+        return _Runs(torch.cat(predictions), torch.cat(pair_margins), torch.cat(confidences))
 
     def _vanilla(self, batch: PreparedBatch) -> torch.Tensor:
         """The undefended model's predictions: g on the unmasked, unpruned inputs (once per

@@ -31,6 +31,11 @@ class CertConfig:
     margin: every computed prediction must beat its runner-up logit by this much to count
         towards a certificate, so float differences between batch compositions cannot flip it.
     occlusion_value: pixel value written into masked windows by the `masking` method.
+    alert_confidence: TAU in (0, 1), or None (default: any disagreeing window alerts). With
+        TAU, detection alerts only when a window predicts a label other than M(z) with softmax
+        confidence >= TAU, and certified(x, y) also needs every window to predict y with
+        confidence >= TAU + margin / 2 (the slack covers the float noise the logit margin
+        covers). Detection methods with r = 1 only.
     """
 
     patch_px: int
@@ -42,6 +47,7 @@ class CertConfig:
     layer: str | None = None
     margin: float = 1e-3
     occlusion_value: float = 0.0
+    alert_confidence: float | None = None
 
     def __post_init__(self) -> None:
         _check_int("patch_px", self.patch_px, minimum=1)
@@ -71,6 +77,24 @@ class CertConfig:
             raise InvalidOption(
                 f"occlusion_value: must be a pixel value in [0, 1], got {self.occlusion_value!r}"
             )
+        if self.alert_confidence is not None:
+            tau = self.alert_confidence
+            if not _finite_number(tau) or not 0.0 < tau < 1.0:
+                raise InvalidOption(f"alert_confidence: must be a number in (0, 1), got {tau!r}")
+            if method_info(self.method).guarantee != "detection":
+                raise InvalidOption(
+                    f"alert_confidence: method {self.method} never alerts (certified recovery)")
+            if self.r != 1:
+                raise InvalidOption(f"alert_confidence: needs r = 1, got r = {self.r}")
+
+    @property
+    def certificate_confidence(self) -> float | None:
+        """The confidence every window needs for a certificate: TAU + margin / 2 (None without
+        TAU). A logit error below ``margin`` moves a softmax probability by less than
+        margin / 2, so a window at this confidence on x stays >= TAU wherever it runs."""
+        if self.alert_confidence is None:
+            return None
+        return self.alert_confidence + self.margin / 2
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -114,12 +114,27 @@ def margins(logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
 
 
 def close_calls(
-    logits: torch.Tensor, labels: torch.Tensor | None, margin: float, tolerance: float
+    logits: torch.Tensor, labels: torch.Tensor | None, margin: float, tolerance: float,
+    confidence_levels: tuple[float, ...] = (),
 ) -> torch.Tensor:
-    """Rows whose prediction or margin decision could change within ``tolerance``."""
+    """Rows whose prediction, margin or confidence decision could change within ``tolerance``.
+
+    ``confidence_levels``: thresholds on the softmax probability of the predicted class
+    (alert confidence); an error below ``tolerance`` on every difference of two logits moves
+    that probability by less than tolerance / 2."""
     top2 = logits.topk(2, dim=1).values
     gap = top2[:, 0] - top2[:, 1]
-    return (gap < tolerance) | ((margins(logits, labels) - margin).abs() < tolerance)
+    close = (gap < tolerance) | ((margins(logits, labels) - margin).abs() < tolerance)
+    if confidence_levels:
+        top = top_confidence(logits)
+        for level in confidence_levels:
+            close |= (top - level).abs() < tolerance / 2
+    return close
+
+
+def top_confidence(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax probability of each row's predicted class (the alert-confidence rule's)."""
+    return torch.softmax(logits.float(), dim=1).amax(dim=1)
 
 
 def fold_batchnorm(g: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -157,8 +172,10 @@ class GRunner:
         margin: float,
         device: str | torch.device,
         batch_size: int,
+        confidence_levels: tuple[float, ...] = (),
     ) -> None:
         self.g = g
+        self.confidence_levels = confidence_levels  # re-checked like margins (close_calls)
         self.g_fast = fold_batchnorm(g) if fast.fuse_bn else g
         self.fast = fast
         self.margin = margin
@@ -188,7 +205,8 @@ class GRunner:
             for start in range(0, len(inputs), self.batch_size)
         ]) if len(inputs) else self.g(inputs).float()
         if self.fast.tolerance > 0:
-            close = close_calls(logits, labels, self.margin, self.fast.tolerance)
+            close = close_calls(logits, labels, self.margin, self.fast.tolerance,
+                                self.confidence_levels)
             rows = close.nonzero()[:, 0]
             if len(rows):
                 self._recheck(inputs, logits, rows)

@@ -310,9 +310,9 @@ def test_a_certified_image_keeps_its_label_under_a_patch_anywhere(
     image, label = images[chosen[0]], int(labels[chosen[0]])
     predictor = certifier.predictor
     logits_of = model if method == "patchcleanser" else (lambda x: pruned_logits(predictor, x))
+    noise = torch.rand(784, 3, PATCH, PATCH, generator=torch.Generator().manual_seed(0))
     variants = {
-        "random": patch_all_positions(image, torch.rand(784, 3, PATCH, PATCH,
-                                                        generator=torch.Generator().manual_seed(0))),
+        "random": patch_all_positions(image, noise),
         "crafted": crafted_patches(logits_of, image, label),
     }
     fooled = 0

@@ -213,6 +213,10 @@ def test_recovery_beside_detection_in_one_run_and_its_report(
     assert len(rows) == 20 and all(r["status"] == "ok" for r in rows)
     assert all(r["clean_output"] >= 0 and r["alert_box"] is None
                and r["recovered_prediction"] is None for r in rows)
+    # confidences are a detection rule's figures: null in recovery rows, set in masking's
+    assert all(r["min_confidence"] is None and r["max_alert_confidence"] is None for r in rows)
+    assert all(0 < r["min_confidence"] <= 1 and 0 <= r["max_alert_confidence"] <= 1
+               for r in read_rows(out) if r["method"] == "masking")
     images, labels = load_image_folder(data)
     model = load_model("cifar_resnet20", checkpoint=checkpoint)
     direct = Certifier(model, CertConfig(patch_px=5, method="patchcleanser"),

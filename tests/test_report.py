@@ -382,3 +382,40 @@ def test_audit_catches_a_degraded_model(ray_session, tmp_path: Path, cifar10_tes
                   "--max-drop", "100")[0] == 0
     code, output = report(str(runs["good"]), "--against", str(runs["good"]))
     assert code == 0 and "lost 0 gained 0" in output
+
+
+def test_the_alert_confidence_curve_from_the_rows(tmp_path) -> None:
+    """Four images with known confidences: at each TAU the reducer counts exactly the
+    certificates (min_confidence >= TAU + margin/2) and the clean alerts
+    (max_alert_confidence >= TAU) the rule gives, and picks the least TAU with <= 10% false
+    alerts; recovery groups get no curve."""
+    rows = [
+        # certified, every window at >= 0.8, one disagreeing window at 0.7
+        ok_row("cat/0.png", 3, 3, True, alert=True) | {"min_confidence": 0.8,
+                                                         "max_alert_confidence": 0.7},
+        # certified, windows down to 0.4, nothing disagrees
+        ok_row("cat/1.png", 3, 3, True) | {"min_confidence": 0.4, "max_alert_confidence": 0.0},
+        # not certified: a window disagrees at 0.95
+        ok_row("dog/2.png", 5, 5, False, alert=True) | {"min_confidence": 0.5,
+                                                          "max_alert_confidence": 0.95},
+        # wrong M(x), no alert
+        ok_row("dog/3.png", 5, 4, False) | {"min_confidence": 0.9, "max_alert_confidence": 0.0},
+    ]
+    run = write_run(tmp_path / "run", [rows])
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["config"].update(margin=1e-3, full_map=True)
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    code, output = report(str(run))
+    assert code == 0, output
+    curve = json.loads((run / "report.json").read_text())["groups"][0]["confidence_curve"]
+    assert curve["exact"] is True
+    points = {p["tau"]: p for p in curve["points"]}
+    counts = {tau: tuple(points[tau][name]["successes"]
+                         for name in ("certified_accuracy", "clean_accuracy", "false_alert_rate"))
+              for tau in (0.3, 0.6, 0.75, 0.9, 0.99)}
+    assert counts == {0.3: (2, 1, 2), 0.6: (1, 1, 2), 0.75: (1, 2, 1), 0.9: (0, 2, 1),
+                      0.99: (0, 3, 0)}
+    assert curve["at_target"]["tau"] == 0.97  # 1 of 4 alerts (25%) up to TAU 0.95
+    markdown = (run / "report.md").read_text()
+    assert "## Alert confidence: scalecert, 5 px" in markdown and "At TAU = 0.97" in markdown
+    assert 'id="plot-tradeoff"' in (run / "report.html").read_text()

@@ -36,6 +36,10 @@ SCHEMA = pa.schema([
     ("n_masks", pa.int64()),
     ("n_evaluated", pa.int64()),
     ("min_margin", pa.float64()),
+    # detection methods: the least confidence of a window's prediction and the largest of a
+    # window disagreeing with M(x), for certificates and alerts at any alert confidence TAU
+    ("min_confidence", pa.float64()),
+    ("max_alert_confidence", pa.float64()),
     ("alert_box", pa.list_(pa.int64())),
     ("recovered_prediction", pa.int64()),
     ("latency_ms", pa.float64()),

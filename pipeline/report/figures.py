@@ -22,7 +22,9 @@ report.json (``schema = "scalecert-report/1"``; keys are stable, new ones may be
   as {value, successes, n, ci95: [lo, hi]} (fractions);
   masks {per_image, evaluated_mean, evaluated_p50, evaluated_p95, histogram [[n_evaluated,
   images]]}; latency_ms {mean, p50, p95}; images_per_s; worst_classes [{label, name,
-  certified_accuracy}]
+  certified_accuracy}]; confidence_curve (detection methods, else None): exact,
+  run_alert_confidence, false_alert_target, at_target (a point or None), points [{tau,
+  certified_accuracy, clean_accuracy, false_alert_rate}]
 - ``published``: rows comparable with the run (same image side and class count): source,
   title, url, where, defense, model, dataset, image_side, patch_area_percent, patch_px,
   clean_accuracy, certified_accuracy (percent, as published), kind, note, published (true)

@@ -1,5 +1,6 @@
 """report.html: one self-contained page, tables and inline SVG plots (no scripts, no network):
-certified accuracy vs patch size (``svg#plot-certified``), masks evaluated per image
+certified accuracy vs patch size (``svg#plot-certified``), certified vs clean accuracy over
+alert confidences (``svg#plot-tradeoff``), masks evaluated per image
 (``svg.masks-histogram``), and the clean-alert thumbnails with their alert boxes
 (``svg.alert-thumb``, embedded as base64 PNG)."""
 
@@ -102,6 +103,69 @@ def certified_plot(report: dict[str, Any]) -> str:
     return "".join(parts) + "</svg>"
 
 
+def tradeoff_plot(report: dict[str, Any]) -> str:
+    """``svg#plot-tradeoff``: certified against clean accuracy (%) as the alert confidence TAU
+    grows, one line per detection group with a curve; published certified-detection results as
+    hollow diamonds labelled "published". Empty when no group has a curve."""
+    curves = [g for g in report["groups"] if g.get("confidence_curve")]
+    if not curves:
+        return ""
+    published = [p for p in report["published"] if p["kind"] == "certified detection"]
+    width, height, left, right, top, bottom = 720, 380, 60, 230, 20, 50
+    plot_w, plot_h = width - left - right, height - top - bottom
+
+    def sx(fraction: float) -> float:
+        return left + plot_w * fraction
+
+    def sy(fraction: float) -> float:
+        return top + plot_h * (1 - fraction)
+
+    parts = [f'<svg id="plot-tradeoff" xmlns="http://www.w3.org/2000/svg" width="{width}" '
+             f'height="{height}" viewBox="0 0 {width} {height}" role="img" '
+             'aria-label="certified accuracy versus clean accuracy over alert confidences">',
+             f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="#fafafa" '
+             'stroke="#999"/>']
+    for tick in range(0, 101, 20):
+        parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{sy(tick / 100):.1f}" '
+                     f'y2="{sy(tick / 100):.1f}" stroke="#ddd"/><text x="{left - 8}" '
+                     f'y="{sy(tick / 100) + 4:.1f}" font-size="11" text-anchor="end">{tick}%'
+                     f'</text><text x="{sx(tick / 100):.1f}" y="{top + plot_h + 16}" '
+                     f'font-size="11" text-anchor="middle">{tick}%</text>')
+    parts.append(f'<text x="{left + plot_w / 2}" y="{height - 10}" font-size="12" '
+                 'text-anchor="middle">clean accuracy (no alert, right label)</text>')
+    parts.append(f'<text x="14" y="{top + plot_h / 2}" font-size="12" text-anchor="middle" '
+                 f'transform="rotate(-90 14 {top + plot_h / 2})">certified accuracy</text>')
+    legend_y = top + 10
+    for index, group in enumerate(curves):
+        colour = PALETTE[index % len(PALETTE)]
+        points = [(p["clean_accuracy"]["value"], p["certified_accuracy"]["value"], p["tau"])
+                  for p in group["confidence_curve"]["points"]
+                  if p["clean_accuracy"]["value"] is not None]
+        label = f"{group['method']} {group['patch_px']} px"
+        path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y, _ in points)
+        parts.append(f'<polyline class="tradeoff-curve" data-method="{_e(group["method"])}" '
+                     f'points="{path}" fill="none" stroke="{colour}" stroke-width="1.5"/>')
+        for x, y, tau in points:
+            parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{colour}">'
+                         f'<title>measured {_e(label)}, TAU {tau:g}: clean {100 * x:.1f}%, '
+                         f'certified {100 * y:.1f}%</title></circle>')
+        parts.append(f'<circle cx="{width - right + 20}" cy="{legend_y}" r="4.5" fill="{colour}"/>'
+                     f'<text x="{width - right + 30}" y="{legend_y + 4}" font-size="12">'
+                     f'measured: {_e(label)}</text>')
+        legend_y += 18
+    for p in published:
+        x, y = sx(p["clean_accuracy"] / 100), sy(p["certified_accuracy"] / 100)
+        parts.append(
+            f'<path class="published-point" d="M{x:.1f},{y - 6:.1f} L{x + 6:.1f},{y:.1f} '
+            f'L{x:.1f},{y + 6:.1f} L{x - 6:.1f},{y:.1f} Z" fill="white" stroke="#555" '
+            f'stroke-width="1.5"><title>published: {_e(p["defense"])} '
+            f'({_e(p["model"] or "model not stated")}), clean {p["clean_accuracy"]:.1f}%, '
+            f'certified {p["certified_accuracy"]:.1f}%; {_e(p["title"])}</title></path>'
+            f'<text class="published-label" x="{x + 8:.1f}" y="{y - 6:.1f}" font-size="10" '
+            'fill="#555">published</text>')
+    return "".join(parts) + "</svg>"
+
+
 def guarantee_note(groups: list[dict[str, Any]], method: str) -> str:
     """The legend suffix ' (recovery)' of a recovery method: its points certify recovery."""
     return " (recovery)" if any(g["method"] == method and g["guarantee"] == "recovery"
@@ -171,6 +235,10 @@ def render_html(report: dict[str, Any], thumbs: list[Thumbnail]) -> str:
                     f'{comp["images_missing"]} images count as not correct and not certified.</p>')
     body += ["<h2>Measured</h2>", _groups_table(report), _published_table(report["published"]),
              "<h2>Certified accuracy vs patch size</h2>", certified_plot(report),
+             *(["<h2>Alert confidence: certified vs clean accuracy</h2>", tradeoff_plot(report),
+                "<p>Each point is one alert confidence TAU (hover for it); see report.md for "
+                "the table and the TAU whose false alerts stay within 10%.</p>"]
+               if tradeoff_plot(report) else []),
              "<h2>Masks evaluated per image</h2>", '<div class="hists">']
     for g in report["groups"]:
         body.append(f"<figure><figcaption>{_e(g['method'])}, {g['patch_px']} px</figcaption>"

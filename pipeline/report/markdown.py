@@ -38,6 +38,8 @@ def render_markdown(report: dict[str, Any]) -> str:
                        f"{p['kind']} | [{p['source']}]({p['url']}) {p['note']} |")
         out.append("")
     for g in report["groups"]:
+        out += _curve_markdown(g)
+    for g in report["groups"]:
         out += [f"## Worst classes: {g['method']}, {g['patch_px']} px", "",
                 "| class | images | certified |", "|---|---|---|"]
         out += [f"| {c['label']} {c['name']} | {c['certified_accuracy']['n']} | "
@@ -77,6 +79,29 @@ def _groups_markdown(groups: list[dict[str, Any]], guarantee: str) -> list[str]:
     if not detection:
         out += ["", ("masks of a recovery method: one-mask windows per image; evaluated counts "
                      "one- and two-mask inputs run.")]
+    return out + [""]
+
+
+def _curve_markdown(group: dict[str, Any]) -> list[str]:
+    """The alert-confidence trade-off of one detection group (see reduce.confidence_curve)."""
+    curve = group.get("confidence_curve")
+    if not curve:
+        return []
+    exactness = ("exact (full map)" if curve["exact"] else
+                 "work avoidance: alerts over the windows run, so clean accuracy is an upper "
+                 "and the false-alert rate a lower bound; rerun with --full-map for exact figures")
+    out = [f"## Alert confidence: {group['method']}, {group['patch_px']} px", "",
+           f"Detection alerts only on a window that disagrees at softmax confidence >= TAU; "
+           f"{exactness}.", ""]
+    chosen = curve["at_target"]
+    target = f"{100 * curve['false_alert_target']:g}%"
+    out += ([f"At TAU = {chosen['tau']:g}, the least with false alerts <= {target}: certified "
+             f"{pct(chosen['certified_accuracy'])}, clean {pct(chosen['clean_accuracy'])}, "
+             f"false alerts {pct(chosen['false_alert_rate'])}.", ""] if chosen else
+            [f"No TAU of the grid has false alerts <= {target}.", ""])
+    out += ["| TAU | certified | clean | false alerts |", "|---|---|---|---|"]
+    out += [f"| {p['tau']:g} | {pct(p['certified_accuracy'])} | {pct(p['clean_accuracy'])} | "
+            f"{pct(p['false_alert_rate'])} |" for p in curve["points"]]
     return out + [""]
 
 

@@ -20,6 +20,12 @@ missing images count as failures), each with a 95% Wilson score interval:
   None for a recovery method (``guarantee``, from the method registry), which never alerts:
   its ``clean_output`` is the recovered prediction, so ``clean_accuracy`` is recovered clean
   accuracy and ``certified_accuracy`` certified recovery.
+Alert-confidence curve (detection methods, :func:`confidence_curve`): from the rows'
+``min_confidence`` and ``max_alert_confidence``, each figure at alert confidences TAU on a grid
+(DESIGN-NOTES "Alert confidence"): certified = certified and min_confidence >= TAU + margin/2;
+clean = prediction == label and max_alert_confidence < TAU; false alert =
+max_alert_confidence >= TAU. Exact for a ``--full-map`` run; with work avoidance the alerts
+count only the windows run, so clean accuracy is an upper and the false-alert rate a lower bound.
 Masks: ``n_masks`` per image and ``n_evaluated`` (mean, p50, p95, histogram) over ok rows.
 Latency: mean / p50 / p95 of ``latency_ms`` over ok rows (the per-image share of the batch's
 wall time); ``images_per_s = 1000 / mean latency_ms``, a per-worker figure from the rows, not
@@ -291,7 +297,46 @@ def summarise_group(run: RunData, method: str, patch_px: int, worst: int = 10) -
                              "p95": _percentile(latency, 95)}
     summary["images_per_s"] = 1000.0 / mean_latency if mean_latency else None
     summary["worst_classes"] = worst_classes(run, rows, flags["certified_accuracy"], worst)
+    summary["confidence_curve"] = (None if guarantee == "recovery"
+                                   else confidence_curve(run, rows))
     return summary
+
+
+CURVE_TAUS = tuple(round(0.05 * i, 2) for i in range(1, 20)) + (0.97, 0.99, 0.995, 0.999)
+FALSE_ALERT_TARGET = 0.10
+
+
+def confidence_curve(run: RunData, rows: pd.DataFrame) -> dict[str, Any] | None:
+    """The clean / certified / false-alert trade-off over alert confidences (see the module
+    docstring), and the least TAU of the grid whose false-alert rate is at most
+    :data:`FALSE_ALERT_TARGET`; None for rows without confidences (recovery methods, runs of
+    an earlier version)."""
+    config = run.manifest["config"]
+    if "min_confidence" not in rows or rows["min_confidence"].isna().all():
+        return None
+    run_tau = config.get("alert_confidence")
+    margin = float(config.get("margin", 1e-3))
+    ok = rows["status"] == "ok"
+    n, n_ok = run.images, int(ok.sum())
+    least = rows["min_confidence"].fillna(0.0)
+    alert_at = rows["max_alert_confidence"].fillna(0.0)
+    points = []
+    for tau in CURVE_TAUS:
+        if run_tau is not None and tau < run_tau:
+            continue  # the run's certificates already hold TAU: lower ones are not in its rows
+        alerts = ok & (alert_at >= tau)
+        points.append({
+            "tau": tau,
+            "certified_accuracy": wilson(int((ok & rows["certified"].eq(True)
+                                              & (least >= tau + margin / 2)).sum()), n).to_dict(),
+            "clean_accuracy": wilson(int((ok & (rows["prediction"] == rows["label"])
+                                          & ~alerts).sum()), n).to_dict(),
+            "false_alert_rate": wilson(int(alerts.sum()), n_ok).to_dict(),
+        })
+    chosen = next((p for p in points if p["false_alert_rate"]["value"] is not None
+                   and p["false_alert_rate"]["value"] <= FALSE_ALERT_TARGET), None)
+    return {"exact": bool(config.get("full_map")), "run_alert_confidence": run_tau,
+            "false_alert_target": FALSE_ALERT_TARGET, "at_target": chosen, "points": points}
 
 
 def worst_classes(run: RunData, rows: pd.DataFrame, certified: pd.Series,

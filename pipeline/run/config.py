@@ -38,6 +38,7 @@ class RunConfig:
     r: int = 1
     layer: str | None = None
     margin: float = 1e-3
+    alert_confidence: float | None = None
     full_map: bool = False
     ground_truth: str | None = None
     synsets: str | None = None
@@ -101,6 +102,7 @@ class RunConfig:
         return as_flag_errors(lambda: CertConfig(
             patch_px=patch_px, top_k=self.top_k, masks_per_axis=self.masks_per_axis,
             r=self.r, method=method, layer=self.layer, margin=self.margin,
+            alert_confidence=self.alert_confidence,
         ))
 
     def g_batch_size(self, device: str) -> int:
@@ -125,7 +127,10 @@ class RunConfig:
         """The options that determine the certificates (for the run fingerprint)."""
         keep = ("data", "model", "patches", "methods", "top_k", "masks_per_axis", "r", "layer",
                 "margin", "full_map", "ground_truth", "shard_size", "limit")
-        return {name: _jsonable(getattr(self, name)) for name in keep}
+        fields_ = {name: _jsonable(getattr(self, name)) for name in keep}
+        if self.alert_confidence is not None:  # absent when off: earlier runs keep resuming
+            fields_["alert_confidence"] = self.alert_confidence
+        return fields_
 
     def to_dict(self) -> dict[str, Any]:
         return {k: _jsonable(v) for k, v in asdict(self).items()}

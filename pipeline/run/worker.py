@@ -9,6 +9,7 @@ size, method) — sharing each chunk's decode and stem across them — and write
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import time
@@ -197,8 +198,15 @@ def certificate_rows(
         "clean_output": result.clean_output.tolist(), "certified": result.certified.tolist(),
         "n_masks": result.n_masks.tolist(), "n_evaluated": result.n_evaluated.tolist(),
         "min_margin": result.min_margin.double().tolist(),
+        "min_confidence": _nullable(result.min_confidence),  # NaN for recovery methods
+        "max_alert_confidence": _nullable(result.max_alert_confidence),
         "alert_box": [box if box[0] >= 0 else None for box in boxes],
         "recovered_prediction": [value if value >= 0 else None for value in recovered],
         "latency_ms": [latency_ms] * n,
         "mask_predictions": result.mask_predictions.tolist() if with_mask_map else [None] * n,
     })
+
+
+def _nullable(values: torch.Tensor) -> list[float | None]:
+    """Floats for a column, NaN (a figure the method does not have) as null."""
+    return [None if math.isnan(value) else value for value in values.double().tolist()]

@@ -35,7 +35,8 @@ from scalecert.methods import masking
 from scalecert.models.base import StagedClassifier
 
 # (image index, first window, second window or None for one-mask inputs) -> predictions, margins
-PairRun = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]]
+PairRun = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None],
+                   tuple[torch.Tensor, torch.Tensor]]
 
 
 def predictor(model: StagedClassifier, config: CertConfig) -> OcclusionPredictor:
