@@ -7,6 +7,7 @@ alert confidences (``svg#plot-tradeoff``), masks evaluated per image
 from __future__ import annotations
 
 import html
+from dataclasses import dataclass
 from typing import Any
 
 from pipeline.report.reduce import ACCURACIES
@@ -20,38 +21,66 @@ def _e(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
+@dataclass(frozen=True)
+class _Frame:
+    """The layout every plot shares: a plot area with a 0-100% y axis, a legend on the right;
+    ``x_max`` is the data value at the right edge."""
+
+    x_max: float
+    width: int = 720
+    height: int = 380
+    left: int = 60
+    right: int = 230
+    top: int = 20
+    bottom: int = 50
+
+    @property
+    def plot_w(self) -> int:
+        return self.width - self.left - self.right
+
+    @property
+    def plot_h(self) -> int:
+        return self.height - self.top - self.bottom
+
+    def sx(self, value: float) -> float:
+        return self.left + self.plot_w * value / self.x_max
+
+    def sy(self, fraction: float) -> float:
+        return self.top + self.plot_h * (1 - fraction)
+
+    def opening(self, ident: str, label: str, x_title: str, y_title: str) -> list[str]:
+        """The svg element's start, the plot area, the y grid and both axis titles."""
+        w, h, left, top = self.width, self.height, self.left, self.top
+        parts = [f'<svg id="{ident}" xmlns="http://www.w3.org/2000/svg" width="{w}" '
+                 f'height="{h}" viewBox="0 0 {w} {h}" role="img" aria-label="{_e(label)}">',
+                 f'<rect x="{left}" y="{top}" width="{self.plot_w}" height="{self.plot_h}" '
+                 'fill="#fafafa" stroke="#999"/>']
+        for tick in range(0, 101, 20):
+            y = self.sy(tick / 100)
+            parts.append(f'<line x1="{left}" x2="{left + self.plot_w}" y1="{y:.1f}" '
+                         f'y2="{y:.1f}" stroke="#ddd"/><text x="{left - 8}" y="{y + 4:.1f}" '
+                         f'font-size="11" text-anchor="end">{tick}%</text>')
+        middle = top + self.plot_h / 2
+        parts.append(f'<text x="{left + self.plot_w / 2}" y="{h - 10}" font-size="12" '
+                     f'text-anchor="middle">{_e(x_title)}</text>')
+        parts.append(f'<text x="14" y="{middle}" font-size="12" text-anchor="middle" '
+                     f'transform="rotate(-90 14 {middle})">{_e(y_title)}</text>')
+        return parts
+
+
 def certified_plot(report: dict[str, Any]) -> str:
     """``svg#plot-certified``: certified accuracy (%) vs patch side (px) per method, with 95%
     interval bars; published results as hollow diamonds labelled "published"."""
-    width, height, left, right, top, bottom = 720, 380, 60, 230, 20, 50
     groups, published = report["groups"], report["published"]
     xs = [g["patch_px"] for g in groups] + [p["patch_px"] for p in published]
-    x_max = max(xs + [1]) * 1.3
-    plot_w, plot_h = width - left - right, height - top - bottom
-
-    def sx(px: float) -> float:
-        return left + plot_w * px / x_max
-
-    def sy(fraction: float) -> float:
-        return top + plot_h * (1 - fraction)
-
-    parts = [f'<svg id="plot-certified" xmlns="http://www.w3.org/2000/svg" width="{width}" '
-             f'height="{height}" viewBox="0 0 {width} {height}" role="img" '
-             'aria-label="certified accuracy versus patch size">',
-             f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="#fafafa" '
-             'stroke="#999"/>']
-    for tick in range(0, 101, 20):
-        y = sy(tick / 100)
-        parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{y:.1f}" y2="{y:.1f}" '
-                     f'stroke="#ddd"/><text x="{left - 8}" y="{y + 4:.1f}" font-size="11" '
-                     f'text-anchor="end">{tick}%</text>')
+    frame = _Frame(x_max=max(xs + [1]) * 1.3)
+    width, right, top, plot_h = frame.width, frame.right, frame.top, frame.plot_h
+    sx, sy = frame.sx, frame.sy
+    parts = frame.opening("plot-certified", "certified accuracy versus patch size",
+                          "patch side (px)", "certified accuracy")
     for px in sorted(set(xs)):
         parts.append(f'<text x="{sx(px):.1f}" y="{top + plot_h + 16}" font-size="11" '
                      f'text-anchor="middle">{px}</text>')
-    parts.append(f'<text x="{left + plot_w / 2}" y="{height - 10}" font-size="12" '
-                 'text-anchor="middle">patch side (px)</text>')
-    parts.append(f'<text x="14" y="{top + plot_h / 2}" font-size="12" text-anchor="middle" '
-                 f'transform="rotate(-90 14 {top + plot_h / 2})">certified accuracy</text>')
     methods = list(dict.fromkeys(g["method"] for g in groups))
     legend_y = top + 10
     for index, method in enumerate(methods):
@@ -98,7 +127,7 @@ def certified_plot(report: dict[str, Any]) -> str:
                      f'y="{ly + 4}" font-size="12">published (not measured;</text>'
                      f'<text x="{width - right + 30}" y="{ly + 20}" font-size="12">hover for '
                      'source)</text>')
-    parts.append(f'<text x="{width - right + 14}" y="{height - 30}" font-size="11" '
+    parts.append(f'<text x="{width - right + 14}" y="{frame.height - 30}" font-size="11" '
                  'fill="#555">bars: 95% Wilson interval</text>')
     return "".join(parts) + "</svg>"
 
@@ -111,30 +140,15 @@ def tradeoff_plot(report: dict[str, Any]) -> str:
     if not curves:
         return ""
     published = [p for p in report["published"] if p["kind"] == "certified detection"]
-    width, height, left, right, top, bottom = 720, 380, 60, 230, 20, 50
-    plot_w, plot_h = width - left - right, height - top - bottom
-
-    def sx(fraction: float) -> float:
-        return left + plot_w * fraction
-
-    def sy(fraction: float) -> float:
-        return top + plot_h * (1 - fraction)
-
-    parts = [f'<svg id="plot-tradeoff" xmlns="http://www.w3.org/2000/svg" width="{width}" '
-             f'height="{height}" viewBox="0 0 {width} {height}" role="img" '
-             'aria-label="certified accuracy versus clean accuracy over alert confidences">',
-             f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="#fafafa" '
-             'stroke="#999"/>']
+    frame = _Frame(x_max=1.0)
+    width, right, top, plot_h = frame.width, frame.right, frame.top, frame.plot_h
+    sx, sy = frame.sx, frame.sy
+    parts = frame.opening("plot-tradeoff",
+                          "certified accuracy versus clean accuracy over alert confidences",
+                          "clean accuracy (no alert, right label)", "certified accuracy")
     for tick in range(0, 101, 20):
-        parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{sy(tick / 100):.1f}" '
-                     f'y2="{sy(tick / 100):.1f}" stroke="#ddd"/><text x="{left - 8}" '
-                     f'y="{sy(tick / 100) + 4:.1f}" font-size="11" text-anchor="end">{tick}%'
-                     f'</text><text x="{sx(tick / 100):.1f}" y="{top + plot_h + 16}" '
-                     f'font-size="11" text-anchor="middle">{tick}%</text>')
-    parts.append(f'<text x="{left + plot_w / 2}" y="{height - 10}" font-size="12" '
-                 'text-anchor="middle">clean accuracy (no alert, right label)</text>')
-    parts.append(f'<text x="14" y="{top + plot_h / 2}" font-size="12" text-anchor="middle" '
-                 f'transform="rotate(-90 14 {top + plot_h / 2})">certified accuracy</text>')
+        parts.append(f'<text x="{sx(tick / 100):.1f}" y="{top + plot_h + 16}" font-size="11" '
+                     f'text-anchor="middle">{tick}%</text>')
     legend_y = top + 10
     for index, group in enumerate(curves):
         colour = PALETTE[index % len(PALETTE)]
