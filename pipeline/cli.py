@@ -54,6 +54,10 @@ def methods_command() -> None:
 @click.option("--r", type=int, help="Coverage r: each patch lies in an r x r block of masks (1).")
 @click.option("--layer", help="Superficial layer to split at (default: after the first ReLU).")
 @click.option("--margin", type=float, help="Logit margin every certifying prediction needs (1e-3).")
+@click.option("--vote", type=click.Choice(["unanimous", "majority"]),
+              help="Detection rule for r >= 2: unanimous (default; Algorithm 1's block and "
+                   "majority rules) or majority (every r x r block's strict majority must be "
+                   "M(x); certificates need a strict majority for the label in every block).")
 @click.option("--alert-confidence", type=float,
               help="TAU in (0, 1): detection alerts only on a window that disagrees with "
                    "softmax confidence >= TAU, and certificates need every window at >= TAU "

@@ -29,6 +29,7 @@ from scalecert.precision import (
 
 ALERT = -1
 NOT_EVALUATED = -2  # mask_predictions entry of a window left unrun (full_map=False, r = 1)
+NO_MAJORITY = -3  # block_votes entry of a block without a strict majority
 NO_BOX = (-1, -1, -1, -1)
 
 
@@ -78,6 +79,23 @@ def locate_block(base: int, grid: torch.Tensor, r: int) -> tuple[int, int] | Non
             if first not in (base, NOT_EVALUATED) and bool((block == first).all()):
                 return i, j
     return None
+
+
+def block_votes(grid: torch.Tensor, r: int, num_classes: int) -> torch.Tensor:
+    """The strict majority label of every r x r block of an ``N x K1 x K2`` grid of window
+    predictions (``NO_MAJORITY`` where none): ``N x (K1 - r + 1) x (K2 - r + 1)``."""
+    blocks = grid.unfold(1, r, 1).unfold(2, r, 1)
+    flat = blocks.reshape(*blocks.shape[:3], r * r)
+    counts = torch.nn.functional.one_hot(flat.clamp(min=0), num_classes).sum(dim=3)
+    top, label = counts.max(dim=-1)
+    return torch.where(2 * top > r * r, label, NO_MAJORITY)
+
+
+def robust_block_majorities(robust: torch.Tensor, r: int) -> torch.Tensor:
+    """Per image: whether every r x r block of an ``N x K1 x K2`` boolean grid (windows that
+    predict the label with the margin) is True in a strict majority of its windows."""
+    counts = robust.to(torch.int64).unfold(1, r, 1).unfold(2, r, 1).sum(dim=(3, 4))
+    return (2 * counts > r * r).flatten(1).all(dim=1)
 
 
 def evaluation_order(priority: torch.Tensor) -> torch.Tensor:
@@ -143,6 +161,7 @@ class _Evaluation:
     recovered: torch.Tensor
     min_confidence: torch.Tensor
     max_alert_confidence: torch.Tensor
+    certified: torch.Tensor  # N bool (certify only; False without labels)
 
 
 @dataclass(frozen=True)
@@ -264,13 +283,10 @@ class Certifier:
         (:class:`CertifierGroup`) checks them once and calls this for each setting."""
         evaluation = self._evaluate(images, labels, prepared)
         n = len(images)
-        certified = evaluation.min_margin >= self.config.margin
-        if self.config.alert_confidence is not None:
-            certified &= evaluation.min_confidence >= self.config.certificate_confidence
         return CertifyResult(
             prediction=evaluation.base,
             vanilla_prediction=evaluation.vanilla,
-            certified=certified,
+            certified=evaluation.certified,
             n_masks=torch.full((n,), evaluation.mask_predictions.shape[1], dtype=torch.int64),
             n_evaluated=evaluation.n_evaluated,
             min_margin=evaluation.min_margin,
@@ -356,11 +372,41 @@ class Certifier:
             quiet = disagreeing & (runs.confidences < tau)
             voting[image_of[quiet], mask_of[quiet]] = base[image_of[quiet]]
 
+        if self.config.vote == "majority":
+            output, alert_box, certified = self._block_vote(runs, mask_predictions, labels,
+                                                            family)
+            index = (alert_box[:, 0] >= 0).nonzero()[:, 0]
+            recovered = torch.full((n_images,), ALERT, dtype=torch.int64)
+            if len(index):
+                recovered[index] = self._run_pairs(batch, index, alert_box[index], None).predictions
+        else:
+            output, alert_box, recovered = self._detect_outcomes(
+                batch, base, voting, mask_predictions, priority, order, family)
+            certified = min_margin >= self.config.margin
+            if tau is not None:
+                certified &= min_confidence >= self.config.certificate_confidence
+        if labels is None:
+            certified = torch.zeros(n_images, dtype=torch.bool)
+        # the undefended model (certify only): g on the unpruned stem features for a pruned
+        # method (scalecert); otherwise M(x) is the undefended model already
+        undefended = labels is not None and method_info(self.config.method).pruned
+        vanilla = self._vanilla(batch) if undefended else base
+        return _Evaluation(base, vanilla, mask_predictions, n_evaluated, min_margin, output,
+                           alert_box, recovered, min_confidence, max_alert_confidence, certified)
+
+    def _detect_outcomes(
+        self, batch: PreparedBatch, base: torch.Tensor, voting: torch.Tensor,
+        mask_predictions: torch.Tensor, priority: torch.Tensor, order: torch.Tensor | None,
+        family: MaskFamily,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Algorithm 1 on every image (``voting``: the window predictions that count): output,
+        alert box and recovered prediction."""
+        n_images = len(base)
         output = base.clone()
         alert_box = torch.tensor([NO_BOX]).repeat(n_images, 1)
         recovered = torch.full((n_images,), ALERT, dtype=torch.int64)
-        # Algorithm 1 image by image only where some window disagrees with M(x): the others
-        # (most images) output M(x) with no box, which one vectorised test settles
+        # image by image only where some window disagrees with M(x): the others (most
+        # images) output M(x) with no box, which one vectorised test settles
         agrees = ((voting == base[:, None]) | (voting == NOT_EVALUATED)).all(dim=1)
         located, boxes_of_located, windows_of_located = [], [], []
         for i in (~agrees).nonzero()[:, 0].tolist():
@@ -377,12 +423,35 @@ class Certifier:
                 recovered[index] = mask_predictions[index, torch.tensor(windows_of_located)]
             else:
                 recovered[index] = self._run_pairs(batch, index, alert_box[index], None).predictions
-        # the undefended model (certify only): g on the unpruned stem features for a pruned
-        # method (scalecert); otherwise M(x) is the undefended model already
-        undefended = labels is not None and method_info(self.config.method).pruned
-        vanilla = self._vanilla(batch) if undefended else base
-        return _Evaluation(base, vanilla, mask_predictions, n_evaluated, min_margin, output,
-                           alert_box, recovered, min_confidence, max_alert_confidence)
+        return output, alert_box, recovered
+
+    def _block_vote(
+        self, runs: _PairRuns, mask_predictions: torch.Tensor, labels: torch.Tensor | None,
+        family: MaskFamily,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The block-vote rule (``vote="majority"``, r >= 2, every window run): ALERT unless
+        every r x r block's strict majority is M(z), located at the first block (row-major)
+        that differs; certified when M(x) = y with the margin and in every block a strict
+        majority of windows predicts y with the margin."""
+        base, r = runs.base, family.r
+        n_images = len(base)
+        grid = mask_predictions.view(n_images, *family.grid_shape)
+        votes = block_votes(grid, r, self.model.num_classes)
+        differs = (votes != base[:, None, None]).flatten(1)
+        output = torch.where(differs.any(dim=1), ALERT, base)
+        alert_box = torch.tensor([NO_BOX]).repeat(n_images, 1)
+        columns = votes.shape[2]
+        for i in differs.any(dim=1).nonzero()[:, 0].tolist():
+            first = int(differs[i].nonzero()[0, 0])  # row-major
+            alert_box[i] = torch.tensor(family.block_box(*divmod(first, columns)))
+        certified = torch.zeros(n_images, dtype=torch.bool)
+        if labels is not None:
+            margins = runs.base_margin[:, None].repeat(1, family.n_masks)
+            margins[runs.image_of, runs.mask_of] = runs.margins
+            robust = (mask_predictions == labels[:, None]) & (margins >= self.config.margin)
+            certified = ((runs.base_margin >= self.config.margin)
+                         & robust_block_majorities(robust.view_as(grid), r))
+        return output, alert_box, certified
 
     def _recover_chunk(
         self, batch: PreparedBatch, labels: torch.Tensor | None, family: MaskFamily
@@ -407,10 +476,13 @@ class Certifier:
         vanilla = (self._vanilla(batch) if labels is not None and method_info(
             self.config.method).pruned else base)
         no_confidence = torch.full((n_images,), float("nan"))  # a detection rule's figure
+        certified = (outcome.min_margin >= self.config.margin if labels is not None
+                     else torch.zeros(n_images, dtype=torch.bool))
         return _Evaluation(
             base, vanilla, outcome.one_mask, outcome.n_evaluated, outcome.min_margin,
             outcome.output, torch.tensor([NO_BOX]).repeat(n_images, 1),
-            torch.full((n_images,), ALERT, dtype=torch.int64), no_confidence, no_confidence)
+            torch.full((n_images,), ALERT, dtype=torch.int64), no_confidence, no_confidence,
+            certified)
 
     def _run_all(
         self, batch: PreparedBatch, labels: torch.Tensor | None, boxes: torch.Tensor,

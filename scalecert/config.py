@@ -11,6 +11,7 @@ from scalecert.errors import InvalidOption
 from scalecert.methods.registry import method_info
 
 DEFAULT_MASKS_PER_AXIS = 6
+VOTES = ("unanimous", "majority")
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,10 @@ class CertConfig:
         confidence >= TAU, and certified(x, y) also needs every window to predict y with
         confidence >= TAU + margin / 2 (the slack covers the float noise the logit margin
         covers). Detection methods with r = 1 only.
+    vote: "unanimous" (default: Algorithm 1's rules) or "majority" (r >= 2, detection
+        methods): detection alerts unless the strict majority of every r x r block of windows
+        is M(z); certified(x, y) needs M(x) = y and, in every block, a strict majority of
+        windows predicting y with the margin.
     """
 
     patch_px: int
@@ -48,6 +53,7 @@ class CertConfig:
     margin: float = 1e-3
     occlusion_value: float = 0.0
     alert_confidence: float | None = None
+    vote: str = "unanimous"
 
     def __post_init__(self) -> None:
         _check_int("patch_px", self.patch_px, minimum=1)
@@ -86,6 +92,15 @@ class CertConfig:
                     f"alert_confidence: method {self.method} never alerts (certified recovery)")
             if self.r != 1:
                 raise InvalidOption(f"alert_confidence: needs r = 1, got r = {self.r}")
+        if self.vote not in VOTES:
+            raise InvalidOption(f"vote: one of {', '.join(VOTES)}, got {self.vote!r}")
+        if self.vote == "majority":
+            if method_info(self.method).guarantee != "detection":
+                raise InvalidOption(
+                    f"vote: majority is a detection rule; method {self.method} certifies recovery")
+            if self.r < 2:
+                raise InvalidOption("vote: majority needs r >= 2 (a block of r x r windows "
+                                    f"votes), got r = {self.r}")
 
     @property
     def certificate_confidence(self) -> float | None:

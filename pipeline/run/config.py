@@ -39,6 +39,7 @@ class RunConfig:
     layer: str | None = None
     margin: float = 1e-3
     alert_confidence: float | None = None
+    vote: str = "unanimous"
     full_map: bool = False
     ground_truth: str | None = None
     synsets: str | None = None
@@ -102,7 +103,7 @@ class RunConfig:
         return as_flag_errors(lambda: CertConfig(
             patch_px=patch_px, top_k=self.top_k, masks_per_axis=self.masks_per_axis,
             r=self.r, method=method, layer=self.layer, margin=self.margin,
-            alert_confidence=self.alert_confidence,
+            alert_confidence=self.alert_confidence, vote=self.vote,
         ))
 
     def g_batch_size(self, device: str) -> int:
@@ -128,8 +129,11 @@ class RunConfig:
         keep = ("data", "model", "patches", "methods", "top_k", "masks_per_axis", "r", "layer",
                 "margin", "full_map", "ground_truth", "shard_size", "limit")
         fields_ = {name: _jsonable(getattr(self, name)) for name in keep}
-        if self.alert_confidence is not None:  # absent when off: earlier runs keep resuming
+        # new options enter only when set, so runs of earlier versions keep resuming
+        if self.alert_confidence is not None:
             fields_["alert_confidence"] = self.alert_confidence
+        if self.vote != "unanimous":
+            fields_["vote"] = self.vote
         return fields_
 
     def to_dict(self) -> dict[str, Any]:
