@@ -15,6 +15,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from scalecert.precision import margins
+from scalecert.sin import keep_count, keep_positions, prune, selection_order, sin_scores
+
 
 def randomize_batchnorm(model: nn.Module, seed: int, spread: float = 0.2) -> nn.Module:
     """Random BN affine parameters and running statistics, in place (fresh BNs are near-identity,
@@ -142,3 +145,57 @@ class OtherRay:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+# -- patches for the soundness tests ------------------------------------------------------------
+
+def patch_masks(image_side: int, patch_px: int) -> torch.Tensor:
+    """``P x 1 x H x W`` bool: one square of ``patch_px`` at every position, row-major."""
+    count = image_side - patch_px + 1
+    masks = torch.zeros(count * count, 1, image_side, image_side, dtype=torch.bool)
+    for index in range(count * count):
+        top, left = divmod(index, count)
+        masks[index, :, top:top + patch_px, left:left + patch_px] = True
+    return masks
+
+
+def random_patches(image: torch.Tensor, patch_px: int, seed: int) -> torch.Tensor:
+    """``image`` with a uniform-noise patch at every position (``patch_masks``' order)."""
+    masks = patch_masks(image.shape[-1], patch_px)
+    noise = torch.rand(len(masks), *image.shape, generator=torch.Generator().manual_seed(seed))
+    return torch.where(masks, noise, image.expand(len(masks), -1, -1, -1))
+
+
+def crafted_patches(logits_of, image: torch.Tensor, label: int, patch_px: int,
+                    steps: int = 6, seed: int = 7) -> torch.Tensor:
+    """``image`` with, at every position, a patch found by signed-gradient ascent on the loss of
+    ``logits_of`` (a differentiable model) for ``label``, from uniform noise."""
+    masks = patch_masks(image.shape[-1], patch_px)
+    base = image.expand(len(masks), -1, -1, -1)
+    pixels = torch.rand(len(masks), *image.shape, generator=torch.Generator().manual_seed(seed))
+    targets = torch.full((len(masks),), label)
+    for _ in range(steps):
+        pixels.requires_grad_(True)
+        loss = nn.functional.cross_entropy(logits_of(torch.where(masks, pixels, base)), targets)
+        (gradient,) = torch.autograd.grad(loss, pixels)
+        pixels = (pixels.detach() + 0.25 * gradient.sign()).clamp(0, 1)
+    return torch.where(masks, pixels, base).detach()
+
+
+def pruned_logits(predictor, images: torch.Tensor) -> torch.Tensor:
+    """M's logits written out from the definitions (stem, SIN top-k of the whole map, head),
+    differentiable in ``images`` through the kept features."""
+    features = predictor.stem(images)
+    order = selection_order(sin_scores(features.detach()))
+    keep = keep_positions(order, torch.zeros_like(order, dtype=torch.bool),
+                          keep_count(predictor.top_k, features.shape[2:]))
+    return predictor.head(prune(features, keep))
+
+
+def at_risk_and_sample(logits: torch.Tensor, label: int, sample: int = 48,
+                       near_tie: float = 0.01) -> torch.Tensor:
+    """Indices of patched images a detection rule could get wrong (M(x') is not the label, or
+    leads by less than ``near_tie``: detect outputs M(x') or ALERT), then the first ``sample``
+    of the others, where the test checks the claim that they are safe."""
+    risky = margins(logits, torch.full((len(logits),), label)) < near_tie
+    return torch.cat([risky.nonzero()[:, 0], (~risky).nonzero()[:sample, 0]])

@@ -10,15 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from click.testing import CliRunner
+from support import at_risk_and_sample, crafted_patches, pruned_logits, random_patches
 
 from pipeline.cli import main
 from pipeline.compute.batches import load_image_folder
 from scalecert import ALERT, CertConfig, Certifier, load_model
 from scalecert.errors import InvalidOption
-from scalecert.precision import FastPath, close_calls, margins
-from scalecert.sin import keep_count, keep_positions, prune, selection_order, sin_scores
+from scalecert.precision import FastPath, close_calls
 
 PATCH = 5
 CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "cifar10-resnet20-scalecert-2.4.pt"
@@ -115,23 +114,6 @@ def test_bf16_takes_the_fp32_decisions_at_tau(runs) -> None:
         assert torch.equal(getattr(result, name), getattr(reference, name)), name
 
 
-def pruned_logits(predictor, images: torch.Tensor) -> torch.Tensor:
-    features = predictor.stem(images)
-    order = selection_order(sin_scores(features.detach()))
-    keep = keep_positions(order, torch.zeros_like(order, dtype=torch.bool),
-                          keep_count(predictor.top_k, features.shape[2:]))
-    return predictor.head(prune(features, keep))
-
-
-def patched_everywhere(image: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
-    count = image.shape[-1] - PATCH + 1
-    out = image.expand(count * count, -1, -1, -1).clone()
-    for index in range(count * count):
-        top, left = divmod(index, count)
-        out[index, :, top:top + PATCH, left:left + PATCH] = patches[index]
-    return out
-
-
 @pytest.mark.slow
 def test_a_certified_image_is_never_misclassified_at_tau(runs) -> None:
     images, labels, results = runs
@@ -143,27 +125,18 @@ def test_a_certified_image_is_never_misclassified_at_tau(runs) -> None:
     assert len(chosen) > 0
     image, label = images[chosen[0]], int(labels[chosen[0]])
     predictor = certifier.predictor
-    random = patched_everywhere(image, torch.rand(784, 3, PATCH, PATCH,
-                                                  generator=torch.Generator().manual_seed(1)))
-    # crafted: signed-gradient ascent on the pruned model's loss at every position
-    crafted = random.clone()
-    inside = (crafted != image).any(dim=1, keepdim=True)
-    for _ in range(6):
-        crafted.requires_grad_(True)
-        loss = F.cross_entropy(pruned_logits(predictor, crafted), torch.full((784,), label))
-        (gradient,) = torch.autograd.grad(loss, crafted)
-        crafted = torch.where(inside, (crafted.detach() + 0.25 * gradient.sign()).clamp(0, 1),
-                              image)
-    fooled_total = 0
-    for name, patched in (("random", random), ("crafted", crafted)):
+    fooled = 0
+    for name, patched in (
+            ("random", random_patches(image, PATCH, seed=1)),
+            ("crafted", crafted_patches(lambda x: pruned_logits(predictor, x), image, label,
+                                        PATCH))):
         with torch.no_grad():
             logits = pruned_logits(predictor, patched)
         # detect outputs M(x') or ALERT: only where M(x') is not the label (or nearly) can it
         # be wrong; those all run, with a sample of the others
-        at_risk = margins(logits, torch.full((784,), label)) < 0.01
-        checked = torch.cat([at_risk.nonzero()[:, 0], (~at_risk).nonzero()[:48, 0]])
+        checked = at_risk_and_sample(logits, label)
         output = certifier.detect(patched[checked]).output
         wrong = (output != label) & (output != ALERT)
         assert not bool(wrong.any()), f"{name}: positions {checked[wrong][:5].tolist()}"
-        fooled_total += int((logits.argmax(dim=1) != label).sum())
-    assert fooled_total > 0  # the crafted patches fool M somewhere: the alerts were needed
+        fooled += int((logits.argmax(dim=1) != label).sum())
+    assert fooled > 0  # the crafted patches fool M somewhere: the alerts were needed

@@ -10,16 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from click.testing import CliRunner
+from support import at_risk_and_sample, crafted_patches, pruned_logits, random_patches
 
 from pipeline.cli import main
 from pipeline.compute.batches import load_image_folder
 from scalecert import ALERT, CertConfig, Certifier, load_model
 from scalecert.certify import NO_MAJORITY, block_votes, robust_block_majorities
 from scalecert.errors import InvalidOption
-from scalecert.precision import margins
-from scalecert.sin import keep_count, keep_positions, prune, selection_order, sin_scores
 
 PATCH = 5
 CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "cifar10-resnet20-scalecert-2.4.pt"
@@ -89,42 +87,20 @@ def test_outcomes_follow_from_the_full_map(voted) -> None:
     assert int(certified.sum()) > int(unanimous.certify(images, labels).certified.sum())
 
 
-def pruned_logits(predictor, images: torch.Tensor) -> torch.Tensor:
-    features = predictor.stem(images)
-    order = selection_order(sin_scores(features.detach()))
-    keep = keep_positions(order, torch.zeros_like(order, dtype=torch.bool),
-                          keep_count(predictor.top_k, features.shape[2:]))
-    return predictor.head(prune(features, keep))
-
-
 @pytest.mark.slow
 def test_a_certified_image_is_never_misclassified_by_the_vote(voted) -> None:
     certifier, images, labels, result = voted
     index = int(result.certified.nonzero()[0, 0])
     image, label = images[index], int(labels[index])
-    count = 32 - PATCH + 1
-    inside = torch.zeros(count * count, 1, 32, 32, dtype=torch.bool)
-    for position in range(count * count):
-        top, left = divmod(position, count)
-        inside[position, :, top:top + PATCH, left:left + PATCH] = True
-    base = image.expand(count * count, -1, -1, -1)
-    random = torch.where(inside, torch.rand(count * count, 3, 32, 32,
-                                            generator=torch.Generator().manual_seed(2)), base)
-    crafted = random.clone()
     predictor = certifier.predictor
-    for _ in range(6):
-        crafted.requires_grad_(True)
-        loss = F.cross_entropy(pruned_logits(predictor, crafted),
-                               torch.full((count * count,), label))
-        (gradient,) = torch.autograd.grad(loss, crafted)
-        crafted = torch.where(inside, (crafted.detach() + 0.25 * gradient.sign()).clamp(0, 1),
-                              base)
     fooled = 0
-    for name, patched in (("random", random), ("crafted", crafted)):
+    for name, patched in (
+            ("random", random_patches(image, PATCH, seed=2)),
+            ("crafted", crafted_patches(lambda x: pruned_logits(predictor, x), image, label,
+                                        PATCH))):
         with torch.no_grad():
             logits = pruned_logits(predictor, patched)
-        at_risk = margins(logits, torch.full((len(patched),), label)) < 0.01
-        checked = torch.cat([at_risk.nonzero()[:, 0], (~at_risk).nonzero()[:48, 0]])
+        checked = at_risk_and_sample(logits, label)
         output = certifier.detect(patched[checked]).output
         wrong = (output != label) & (output != ALERT)
         assert not bool(wrong.any()), f"{name}: positions {checked[wrong][:5].tolist()}"

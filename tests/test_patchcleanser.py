@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from click.testing import CliRunner
+from support import crafted_patches, pruned_logits, random_patches, randomize_batchnorm
 
 from pipeline.cli import main
 from pipeline.compute.batches import load_image_folder
@@ -19,8 +19,7 @@ from scalecert import ALERT, CertConfig, Certifier, create_model, load_model
 from scalecert.baselines import box_masks
 from scalecert.errors import InvalidOption
 from scalecert.methods.patchcleanser import recover, recovered_label
-from scalecert.sin import keep_count, keep_positions, prune, selection_order, sin_scores
-from tests.support import randomize_batchnorm
+from scalecert.sin import keep_count, keep_positions, prune
 
 PATCH = 5
 MODELS = Path(__file__).resolve().parent.parent / "models"
@@ -255,45 +254,6 @@ def test_certified_images_have_every_one_mask_prediction_right(cleanser_runs, te
     assert bool((certified <= one_mask_right).all())
 
 
-def patch_all_positions(image: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
-    side = image.shape[-1]
-    count = side - PATCH + 1
-    patched = image.expand(count * count, -1, -1, -1).clone()
-    for index in range(count * count):
-        top, left = divmod(index, count)
-        patched[index, :, top:top + PATCH, left:left + PATCH] = patches[index]
-    return patched
-
-
-def crafted_patches(logits_of, image: torch.Tensor, label: int, steps: int = 6) -> torch.Tensor:
-    """At every position, a patch found by signed-gradient ascent on ``logits_of``'s loss."""
-    side = image.shape[-1]
-    count = side - PATCH + 1
-    masks = torch.zeros(count * count, 1, side, side, dtype=torch.bool)
-    for index in range(count * count):
-        top, left = divmod(index, count)
-        masks[index, :, top:top + PATCH, left:left + PATCH] = True
-    pixels = torch.rand(len(masks), 3, side, side, generator=torch.Generator().manual_seed(5))
-    base = image.expand(len(masks), -1, -1, -1)
-    targets = torch.full((len(masks),), label)
-    for _ in range(steps):
-        pixels.requires_grad_(True)
-        loss = F.cross_entropy(logits_of(torch.where(masks, pixels, base)), targets)
-        (gradient,) = torch.autograd.grad(loss, pixels)
-        pixels = (pixels.detach() + 0.25 * gradient.sign()).clamp(0, 1)
-    return torch.where(masks, pixels, base).detach()
-
-
-def pruned_logits(predictor, images: torch.Tensor) -> torch.Tensor:
-    """The SIN-pruned model written out from its definitions (differentiable in the kept
-    features)."""
-    features = predictor.stem(images)
-    order = selection_order(sin_scores(features.detach()))
-    keep = keep_positions(order, torch.zeros_like(order, dtype=torch.bool),
-                          keep_count(predictor.top_k, features.shape[2:]))
-    return predictor.head(prune(features, keep))
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(("method", "checkpoint"), [("patchcleanser", MASKING_CHECKPOINT),
                                                     ("patchcleanser_sin", SCALECERT_CHECKPOINT)])
@@ -310,11 +270,8 @@ def test_a_certified_image_keeps_its_label_under_a_patch_anywhere(
     image, label = images[chosen[0]], int(labels[chosen[0]])
     predictor = certifier.predictor
     logits_of = model if method == "patchcleanser" else (lambda x: pruned_logits(predictor, x))
-    noise = torch.rand(784, 3, PATCH, PATCH, generator=torch.Generator().manual_seed(0))
-    variants = {
-        "random": patch_all_positions(image, noise),
-        "crafted": crafted_patches(logits_of, image, label),
-    }
+    variants = {"random": random_patches(image, PATCH, seed=0),
+                "crafted": crafted_patches(logits_of, image, label, PATCH, seed=5)}
     fooled = 0
     for name, patched in variants.items():
         assert len(patched) == 784

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
+from support import crafted_patches, patch_masks, pruned_logits, random_patches
 
 from pipeline.compute.batches import load_image_folder
 from scalecert import ALERT, CertConfig, Certifier, load_model
 from scalecert.occlusion import SinPredictor
 from scalecert.precision import margins
-from scalecert.sin import keep_count, keep_positions, prune, selection_order, sin_scores
 
 pytestmark = pytest.mark.slow
 
@@ -30,52 +29,10 @@ UNFOOLED_SAMPLE = 48  # patched images per variant that keep the label, also run
 NEAR_TIE = 0.01  # logits: a patched image whose label leads by less is detected as if fooled
 
 
-def patch_all_positions(image: torch.Tensor, patch: torch.Tensor) -> torch.Tensor:
-    """One copy of ``image`` per patch position, with ``patch`` (P x 3 x p x p or 3 x p x p)."""
-    side = image.shape[-1]
-    positions = [(top, left) for top in range(side - PATCH + 1) for left in range(side - PATCH + 1)]
-    patched = image.expand(len(positions), -1, -1, -1).clone()
-    patches = patch.expand(len(positions), -1, -1, -1)
-    for index, (top, left) in enumerate(positions):
-        patched[index, :, top:top + PATCH, left:left + PATCH] = patches[index]
-    return patched
-
-
-def patch_masks(count_side: int, image_side: int) -> torch.Tensor:
-    """``P x 1 x H x W`` bool masks of the patch squares, in patch_all_positions' order."""
-    masks = torch.zeros(count_side * count_side, 1, image_side, image_side, dtype=torch.bool)
-    for index in range(count_side * count_side):
-        top, left = divmod(index, count_side)
-        masks[index, :, top:top + PATCH, left:left + PATCH] = True
-    return masks
-
-
-def pruned_logits(predictor: SinPredictor, images: torch.Tensor) -> torch.Tensor:
-    """M's logits written out from the definitions (stem, SIN top-k of the whole map, head);
-    differentiable in ``images`` through the kept features."""
-    features = predictor.stem(images)
-    order = selection_order(sin_scores(features.detach()))
-    k = keep_count(predictor.top_k, features.shape[2:])
-    keep = keep_positions(order, torch.zeros_like(order, dtype=torch.bool), k)
-    return predictor.head(prune(features, keep))
-
-
-def optimised_patches(predictor: SinPredictor, image: torch.Tensor, label: int,
-                      steps: int = 6) -> torch.Tensor:
-    """Per position, a patch found by signed-gradient ascent on the pruned model's loss
-    (the SIN selection is recomputed at every step; gradients flow through kept features)."""
-    side = image.shape[-1]
-    masks = patch_masks(side - PATCH + 1, side)
-    generator = torch.Generator().manual_seed(7)
-    pixels = torch.rand(len(masks), 3, side, side, generator=generator)
-    base = image.expand(len(masks), -1, -1, -1)
-    targets = torch.full((len(masks),), label)
-    for _ in range(steps):
-        pixels.requires_grad_(True)
-        loss = F.cross_entropy(pruned_logits(predictor, torch.where(masks, pixels, base)), targets)
-        (gradient,) = torch.autograd.grad(loss, pixels)
-        pixels = (pixels.detach() + 0.25 * gradient.sign()).clamp(0, 1)
-    return torch.where(masks, pixels, base).detach()
+def constant_patches(image: torch.Tensor, value: float) -> torch.Tensor:
+    """``image`` with a patch of ``value`` at every position."""
+    masks = patch_masks(image.shape[-1], PATCH)
+    return torch.where(masks, torch.full_like(image, value), image.expand(len(masks), -1, -1, -1))
 
 
 @pytest.fixture(scope="module")
@@ -100,11 +57,12 @@ def test_certified_images_are_never_misclassified_under_any_patch(certified_case
     for image, label in zip(images, labels.tolist()):
         positions = (image.shape[-1] - PATCH + 1) ** 2
         variants = {
-            "zeros": patch_all_positions(image, torch.zeros(3, PATCH, PATCH)),
-            "ones": patch_all_positions(image, torch.ones(3, PATCH, PATCH)),
-            "random": patch_all_positions(image, torch.rand(positions, 3, PATCH, PATCH,
-                                                            generator=generator)),
-            "optimised": optimised_patches(predictor, image, label),
+            "zeros": constant_patches(image, 0.0),
+            "ones": constant_patches(image, 1.0),
+            "random": random_patches(image, PATCH, seed=int(torch.randint(1 << 30, (1,),
+                                                                         generator=generator))),
+            "optimised": crafted_patches(lambda x: pruned_logits(predictor, x), image, label,
+                                         PATCH),
         }
         for name, patched in variants.items():
             assert len(patched) == positions == 784
