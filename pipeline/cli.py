@@ -129,8 +129,9 @@ def _run_and_report(run: Any, quiet: bool) -> None:
               "(a checkpoint per epoch) and <model>-<method>.pt with its .json sidecar.")
 @click.option("--patch", help="Patch size trained for: pixels (5) or share of the area (2.4%).")
 @click.option("--method", type=click.Choice(available_methods()),
-              help="scalecert: SIN pruning in the forward pass; masking: the unpruned control "
-                   "trained on pixel-occluded images (default scalecert).")
+              help="scalecert (and patchcleanser_sin): SIN pruning in the forward pass; "
+                   "masking (and patchcleanser): the unpruned control trained on "
+                   "pixel-occluded images (default scalecert).")
 @click.option("--top-k", type=float, help="Share of superficial positions kept (0.15).")
 @click.option("--masks-per-axis", type=int, help="Mask family windows per axis (6).")
 @click.option("--r", type=int, help="Coverage r of the mask family (1).")
@@ -142,6 +143,10 @@ def _run_and_report(run: Any, quiet: bool) -> None:
 @click.option("--weight-decay", type=float, help="SGD weight decay (5e-4).")
 @click.option("--mask-probability", type=float,
               help="Share of training images under a random window of the family (0.5).")
+@click.option("--objective", type=click.Choice(["random-window", "worst-window"]),
+              help="random-window: the loss under a sampled window or none (default); "
+                   "worst-window: the loss without a window plus the loss under the window "
+                   "the model gets most wrong (one extra no-grad forward per window a step).")
 @click.option("--augment/--no-augment", default=None,
               help="Random 4-pixel-padded crops and flips (default on).")
 @click.option("--seed", type=int, help="Seed for shuffling, augmentation and windows (0).")

@@ -34,6 +34,11 @@ class FinetuneConfig:
     mask_probability: share of training images seen under a random window of the family (the
         rest see no window, i.e. M(x)). lr follows a cosine schedule over all steps.
     augment: random 4-pixel-padded crops and horizontal flips (CIFAR-style).
+    objective: "random-window" (the loss under the sampled window, or none) or "worst-window"
+        (the loss on the image without a window plus the loss under the window of the family
+        that the current model gets most wrong, found by a no-grad pass over every window in
+        eval mode; ``mask_probability`` is then unused). The certificate needs every window
+        right, which the worst window targets; each step costs one forward per window more.
     """
 
     cert: CertConfig
@@ -45,6 +50,7 @@ class FinetuneConfig:
     mask_probability: float = 0.5
     augment: bool = True
     seed: int = 0
+    objective: str = "random-window"
 
     def __post_init__(self) -> None:
         if not isinstance(self.cert, CertConfig):
@@ -61,12 +67,21 @@ class FinetuneConfig:
             raise InvalidOption(f"weight_decay: must be >= 0, got {self.weight_decay!r}")
         if not 0.0 <= self.mask_probability <= 1.0:
             raise InvalidOption(f"mask_probability: must be in [0, 1], got {self.mask_probability!r}")
+        if self.objective not in OBJECTIVES:
+            raise InvalidOption(
+                f"objective: one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        values = asdict(self)
+        if self.objective == "random-window":  # earlier runs' records and fingerprints hold
+            del values["objective"]
+        return values
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
+
+
+OBJECTIVES = ("random-window", "worst-window")
 
 
 @dataclass(frozen=True)
@@ -127,6 +142,26 @@ class DefendedForward(nn.Module):
         return defended_logits(self.model, self.cert, images, windows)
 
 
+@torch.no_grad()
+def worst_windows(
+    forward: nn.Module, images: torch.Tensor, labels: torch.Tensor, boxes: torch.Tensor
+) -> torch.Tensor:
+    """For each image, the window of ``boxes`` under which ``forward`` has the highest loss
+    (``N x 4``), computed in eval mode (the search must not move BatchNorm statistics); the
+    module's training mode is restored."""
+    was_training = forward.training
+    forward.eval()
+    try:
+        losses = torch.stack([
+            F.cross_entropy(forward(images, box.expand(len(images), 4)), labels,
+                            reduction="none")
+            for box in boxes
+        ], dim=1)
+    finally:
+        forward.train(was_training)
+    return boxes[losses.argmax(dim=1).cpu()]
+
+
 def training_windows(cert: CertConfig, image_hw: tuple[int, int]) -> torch.Tensor:
     """The windows training samples from: the certification mask family's boxes."""
     return MaskFamily.build(image_hw, cert.patch_px, cert.r, mask_stride=cert.mask_stride,
@@ -183,10 +218,17 @@ def train_epoch(
             batch = batch.float().div_(255.0)
         if config.augment:
             batch = augment(batch, generator)
-        windows = sample_windows(len(index), boxes, config.mask_probability, generator)
         target = labels[index].to(device)
-        logits = forward(batch.to(device).contiguous(memory_format=torch.channels_last), windows)
-        loss = F.cross_entropy(logits, target)
+        batch = batch.to(device).contiguous(memory_format=torch.channels_last)
+        if config.objective == "worst-window":
+            worst = worst_windows(forward, batch, target, boxes)
+            logits = forward(batch, torch.zeros_like(worst))
+            loss = F.cross_entropy(logits, target) + F.cross_entropy(forward(batch, worst),
+                                                                     target)
+        else:
+            windows = sample_windows(len(index), boxes, config.mask_probability, generator)
+            logits = forward(batch, windows)
+            loss = F.cross_entropy(logits, target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -7,6 +7,7 @@ import tarfile
 
 import pytest
 import torch
+from support import randomize_batchnorm
 
 from pipeline.compute.batches import load_image_folder
 from scalecert import CertConfig, Certifier, create_model, load_model
@@ -17,6 +18,7 @@ from scalecert.training import (
     augment,
     finetune,
     sample_windows,
+    worst_windows,
 )
 
 
@@ -26,6 +28,7 @@ from scalecert.training import (
     ({"lr": -1.0}, "lr"),
     ({"momentum": 1.0}, "momentum"),
     ({"mask_probability": 1.5}, "mask_probability"),
+    ({"objective": "best-window"}, "objective"),
 ])
 def test_invalid_settings_name_the_field(values: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
@@ -135,3 +138,36 @@ def test_training_forward_is_the_certified_forward(cifar10_test_dir, resnet20_ch
         for index, box in enumerate(boxes):
             predicted = forward(images, box.expand(len(images), 4)).argmax(1)
             assert torch.equal(predicted, result.mask_predictions[:, index]), f"window {index}"
+
+
+@pytest.mark.parametrize("method", ["scalecert", "masking"])
+def test_the_worst_window_is_the_one_with_the_highest_loss(method: str) -> None:
+    torch.manual_seed(0)
+    model = randomize_batchnorm(create_model("cifar_resnet20"), seed=3).train()
+    cert = CertConfig(patch_px=5, method=method)
+    forward = DefendedForward(model, cert).train()
+    images, labels = torch.rand(6, 3, 32, 32), torch.arange(6)
+    boxes = Certifier(create_model("cifar_resnet20"), cert).mask_boxes(32)
+    statistics = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    worst = worst_windows(forward, images, labels, boxes)
+    assert forward.training  # the search ran in eval mode and gave the mode back
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in statistics.items())
+    forward.eval()
+    with torch.no_grad():
+        losses = torch.stack([torch.nn.functional.cross_entropy(
+            forward(images, box.expand(6, 4)), labels, reduction="none") for box in boxes], dim=1)
+    assert torch.equal(worst, boxes[losses.argmax(dim=1)])
+
+
+def test_worst_window_training_runs_and_moves_the_weights() -> None:
+    torch.manual_seed(1)
+    model = create_model("cifar_resnet20")
+    images, labels = torch.rand(16, 3, 32, 32), torch.arange(16) % 10
+    before = model.linear.weight.detach().clone()
+    config = FinetuneConfig(cert=CertConfig(patch_px=5), epochs=1, batch_size=8,
+                            objective="worst-window")
+    history = finetune(model, images, labels, config)
+    assert len(history) == 1 and history[0].images == 16 and history[0].loss > 0
+    assert not torch.equal(before, model.linear.weight)
+    assert config.to_dict()["objective"] == "worst-window"
+    assert "objective" not in FinetuneConfig(cert=CertConfig(patch_px=5)).to_dict()

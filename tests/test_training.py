@@ -132,7 +132,7 @@ def test_two_workers_train_checkpoint_each_epoch_and_resume_to_the_same_weights(
     assert not ray.is_initialized()
 
 
-def test_cli_finetunes_the_masking_control_from_and_to_s3(
+def test_cli_finetunes_the_masking_control_from_and_to_s3_for_the_worst_window(
     s3_env, s3_server, tiny_sets, resnet20_checkpoint, tmp_path
 ):
     train, _ = tiny_sets
@@ -143,7 +143,7 @@ def test_cli_finetunes_the_masking_control_from_and_to_s3(
     args = ["finetune", "--quiet", "--data", f"s3://{s3_env}/train", "--model", "cifar_resnet20",
             "--checkpoint", str(resnet20_checkpoint), "--out", f"s3://{s3_env}/runs/masking",
             "--patch", "2", "--method", "masking", "--epochs", "1", "--batch-size", "20",
-            "--workers", "1", "--s3-endpoint", s3_server.endpoint]
+            "--workers", "1", "--s3-endpoint", s3_server.endpoint, "--objective", "worst-window"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert "epoch 1: loss" in result.output and "(1 skipped)" in result.output
@@ -154,6 +154,7 @@ def test_cli_finetunes_the_masking_control_from_and_to_s3(
     body = client.get_object(Bucket=s3_env, Key="runs/masking/cifar_resnet20-masking.pt.json")
     sidecar = json.loads(body["Body"].read())
     assert sidecar["method"] == "masking" and sidecar["finetune"]["cert"]["method"] == "masking"
+    assert sidecar["finetune"]["objective"] == "worst-window"  # the objective ran on Ray Train
     assert sidecar["data"]["source"] == f"s3://{s3_env}/train"
     assert sidecar["data"]["usable"] == 60 and "eval_accuracy" not in sidecar["epochs"][0]
     weights = tmp_path / "masking.pt"

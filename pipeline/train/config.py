@@ -49,6 +49,7 @@ class FinetuneRun:
     mask_probability: float = _LIBRARY.mask_probability
     augment: bool = _LIBRARY.augment
     seed: int = _LIBRARY.seed
+    objective: str = _LIBRARY.objective
     limit: int | None = None
     eval_data: str | None = None
     eval_limit: int | None = None
@@ -105,12 +106,14 @@ class FinetuneRun:
             cert=cert, epochs=self.epochs, batch_size=self.batch_size, lr=float(self.lr),
             momentum=float(self.momentum), weight_decay=float(self.weight_decay),
             mask_probability=float(self.mask_probability), augment=bool(self.augment),
-            seed=self.seed,
+            seed=self.seed, objective=self.objective,
         ))
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """The options that determine the trained weights (for the run fingerprint)."""
         skip = {"out", "workers", "device", "address", "s3_endpoint"}
+        if self.objective == _LIBRARY.objective:
+            skip.add("objective")  # absent when default: earlier runs keep resuming
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
     def to_dict(self) -> dict[str, Any]:
