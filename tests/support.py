@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from scalecert.certify import ALERT
 from scalecert.precision import margins
 from scalecert.sin import keep_count, keep_positions, prune, selection_order, sin_scores
 
@@ -199,3 +200,25 @@ def at_risk_and_sample(logits: torch.Tensor, label: int, sample: int = 48,
     of the others, where the test checks the claim that they are safe."""
     risky = margins(logits, torch.full((len(logits),), label)) < near_tie
     return torch.cat([risky.nonzero()[:, 0], (~risky).nonzero()[:sample, 0]])
+
+
+def assert_scalecert_detection_is_sound(certifier, image: torch.Tensor, label: int,
+                                        patch_px: int, seed: int) -> None:
+    """The detection theorem for one certified image and a ScaleCert certifier: patched at
+    every position with random and with crafted patches, ``detect`` gives the label or ALERT
+    (run where M(x') is at risk, and on a sample of the others); the crafted patches must fool
+    M somewhere, or the check would prove nothing."""
+    predictor = certifier.predictor
+    fooled = 0
+    for name, patched in (
+            ("random", random_patches(image, patch_px, seed=seed)),
+            ("crafted", crafted_patches(lambda x: pruned_logits(predictor, x), image, label,
+                                        patch_px))):
+        with torch.no_grad():
+            logits = pruned_logits(predictor, patched)
+        checked = at_risk_and_sample(logits, label)
+        output = certifier.detect(patched[checked]).output
+        wrong = (output != label) & (output != ALERT)
+        assert not bool(wrong.any()), f"{name}: positions {checked[wrong][:5].tolist()}"
+        fooled += int((logits.argmax(dim=1) != label).sum())
+    assert fooled > 0, "no patch fooled M: the alerts were never needed"

@@ -139,7 +139,6 @@ def test_windows_proved_harmless_take_the_unmasked_prediction_without_a_run() ->
     run = TableRun(*tables)
     result = recover(run, torch.full((images,), 4), torch.full((images,), 0.5), needed, None,
                      1e-3, 8, full=True)
-    assert {a for _, a, _ in run.runs} | {b for _, _, b in run.runs} <= set(range(n))
     assert all(0 in (a, b) for _, a, b in run.runs)
     assert result.n_evaluated.tolist() == [1 + (n - 1)] * images
     assert bool((result.one_mask[:, 1:] == 4).all())
@@ -248,10 +247,10 @@ def test_certified_images_have_every_one_mask_prediction_right(cleanser_runs, te
     # the same windows and model: PatchCleanser's first round is the masking baseline's map
     assert torch.equal(full.mask_predictions, masking.mask_predictions)
     assert bool((masking.mask_predictions[certified] == labels[certified, None]).all())
-    # and an image whose every one-mask prediction is right but that is not certified has a
-    # failing pair: it needs the second round, the masking baseline's certificate does not
+    # the pairs matter: some images have every one-mask prediction right and still are not
+    # certified (a pair fails, or a margin is too small)
     one_mask_right = (masking.mask_predictions == labels[:, None]).all(dim=1)
-    assert bool((certified <= one_mask_right).all())
+    assert bool((one_mask_right & ~certified).any())
 
 
 @pytest.mark.slow

@@ -247,12 +247,13 @@ def render_html(report: dict[str, Any], thumbs: list[Thumbnail]) -> str:
     if not comp["complete"]:
         body.append(f'<p class="warn">{len(comp["missing_shards"])} shards missing: '
                     f'{comp["images_missing"]} images count as not correct and not certified.</p>')
+    tradeoff = tradeoff_plot(report)
     body += ["<h2>Measured</h2>", _groups_table(report), _published_table(report["published"]),
              "<h2>Certified accuracy vs patch size</h2>", certified_plot(report),
-             *(["<h2>Alert confidence: certified vs clean accuracy</h2>", tradeoff_plot(report),
+             *(["<h2>Alert confidence: certified vs clean accuracy</h2>", tradeoff,
                 "<p>Each point is one alert confidence TAU (hover for it); see report.md for "
                 "the table and the TAU whose false alerts stay within 10%.</p>"]
-               if tradeoff_plot(report) else []),
+               if tradeoff else []),
              "<h2>Masks evaluated per image</h2>", '<div class="hists">']
     for g in report["groups"]:
         body.append(f"<figure><figcaption>{_e(g['method'])}, {g['patch_px']} px</figcaption>"

@@ -180,8 +180,7 @@ class _Check:
     other than the window's label)."""
 
     queue: list[int]  # pair numbers, in the order to try them
-    label: int | None  # the window's label (a window check) or None (the certificate)
-    outcome: int  # the image's output if this check passes
+    label: int | None  # the window's label, the output if it passes; None: the certificate
     position: int = 0
 
 
@@ -202,7 +201,7 @@ def _recover_avoiding_work(
             if certifiable:  # weakest windows' pairs first: a failing pair is found early
                 order = np.argsort(one_margin[i][pairs.first] + one_margin[i][pairs.second],
                                    kind="stable")
-                checks[i] = [_Check(order.tolist(), None, int(row[0]))]
+                checks[i] = [_Check(order.tolist(), None)]
             continue
         most = majority(row)
         for d in np.nonzero(row != most)[0].tolist():
@@ -210,7 +209,7 @@ def _recover_avoiding_work(
             others = [j for j in range(n_masks) if j != d]
             # windows that already disagree with d's label are the likeliest to fail its check
             others.sort(key=lambda j: int(row[j]) == label)
-            checks[i].append(_Check(pairs.index[d, others].tolist(), label, label))
+            checks[i].append(_Check(pairs.index[d, others].tolist(), label))
         output[i] = most
     active = [i for i in range(n_images) if checks[i]]
     while active:
@@ -249,7 +248,8 @@ def _settle(i: int, checks: list[_Check], pairs: _PairTable, margin: float,
         if failed:
             checks.pop(0)
             continue
-        if check.position == len(queue):  # passed
-            output[i] = check.outcome
+        if check.position == len(queue):  # passed: a window check decides the output
+            if check.label is not None:
+                output[i] = check.label
             checks.clear()
         return
