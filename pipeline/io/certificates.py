@@ -60,17 +60,18 @@ def part_location(out: str, shard: int) -> str:
     return storage.join(out, "certificates", f"part-{shard:05d}.parquet")
 
 
-def rows_table(columns: dict[str, list[Any]]) -> pa.Table:
-    """A block of rows given column-wise (names of :data:`SCHEMA`; absent ones are null)."""
+def rows_table(columns: dict[str, list[Any]], schema: pa.Schema = SCHEMA) -> pa.Table:
+    """A block of rows given column-wise (names of ``schema``, the certificates' by default;
+    absent ones are null)."""
     lengths = {len(values) for values in columns.values()}
     if len(lengths) > 1:
         raise ValueError(f"rows_table: columns of different lengths {sorted(lengths)}")
-    unknown = sorted(set(columns) - set(SCHEMA.names))
+    unknown = sorted(set(columns) - set(schema.names))
     if unknown:
         raise ValueError(f"rows_table: unknown column(s) {', '.join(unknown)}")
     n = lengths.pop() if lengths else 0
     return pa.Table.from_pydict(
-        {name: columns.get(name, [None] * n) for name in SCHEMA.names}, schema=SCHEMA)
+        {name: columns.get(name, [None] * n) for name in schema.names}, schema=schema)
 
 
 def table_from_dicts(rows: Iterable[dict[str, Any]]) -> pa.Table:
@@ -97,13 +98,15 @@ def error_rows(
     })
 
 
-def to_parquet_bytes(blocks: Iterable[pa.Table], metadata: dict[str, Any]) -> bytes:
-    """Blocks of rows (from :func:`rows_table`), sorted by image, patch and method, as Parquet
-    bytes with the run metadata."""
+def to_parquet_bytes(
+    blocks: Iterable[pa.Table], metadata: dict[str, Any], schema: pa.Schema = SCHEMA,
+    sort_keys: tuple[str, ...] = ("image_id", "patch_px", "method"),
+) -> bytes:
+    """Blocks of rows of ``schema`` (from :func:`rows_table`, or attack rows), sorted by
+    ``sort_keys``, as Parquet bytes with the run metadata."""
     blocks = list(blocks)
-    table = pa.concat_tables(blocks) if blocks else SCHEMA.empty_table()
-    table = table.sort_by([("image_id", "ascending"), ("patch_px", "ascending"),
-                           ("method", "ascending")])
+    table = pa.concat_tables(blocks) if blocks else schema.empty_table()
+    table = table.sort_by([(key, "ascending") for key in sort_keys])
     table = table.replace_schema_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True)})
     sink = io.BytesIO()
     pq.write_table(table, sink, compression="zstd")

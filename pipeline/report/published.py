@@ -6,6 +6,10 @@ key into ``sources``: title, URL, where in it), the defense, the model (None whe
 does not say), the dataset and its image side, the patch as a share of the image area (%),
 clean and certified accuracy (%), and the kind of guarantee: ``certified detection`` (the
 defense may alert) or ``certified recovery`` (it must output the label).
+
+``attack_rows`` hold published *empirical* figures of attacks (the attack report's): each
+names its source, the figure (a name of :data:`ATTACK_FIGURES`, defined as in
+:mod:`pipeline.report.attacks`), model, dataset, image side, patch area (%) and value (%).
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from scalecert.errors import InvalidOption
 
 DATA_FILE = "published_results.json"
 KINDS = ("certified detection", "certified recovery")
+ATTACK_FIGURES = ("undefended_success", "pruned_success", "alert_rate", "defended_fooled",
+                  "localized", "empirical_recovery", "undefended_accuracy_attacked")
 
 
 @dataclass(frozen=True)
@@ -49,12 +55,69 @@ class PublishedRow:
         return {**asdict(self), "patch_px": self.patch_px(), "published": True}
 
 
+@dataclass(frozen=True)
+class PublishedAttackRow:
+    """One published empirical attack figure (a percentage as printed in the source)."""
+
+    source: str
+    title: str
+    url: str
+    where: str
+    figure: str
+    model: str | None
+    dataset: str
+    image_side: int
+    patch_area_percent: float
+    value: float
+    note: str
+
+    @property
+    def citation(self) -> str:
+        """``title, where``: how the report names the source."""
+        return f"{self.title}, {self.where}"
+
+    def patch_px(self) -> int:
+        """Patch side in pixels by the rule of :meth:`PublishedRow.patch_px`."""
+        return max(1, math.ceil(math.sqrt(self.patch_area_percent / 100.0) * self.image_side - 0.1))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "citation": self.citation, "patch_px": self.patch_px(),
+                "published": True}
+
+
+def _document(text: str | None) -> dict[str, Any]:
+    if text is None:
+        text = resources.files("pipeline.report").joinpath(DATA_FILE).read_text(encoding="utf-8")
+    return json.loads(text)
+
+
+def load_published_attacks(text: str | None = None) -> tuple[PublishedAttackRow, ...]:
+    """The shipped published attack figures (``attack_rows``; or those of ``text``); a row
+    with an unknown source or figure is an InvalidOption naming it."""
+    document = _document(text)
+    sources = document["sources"]
+    rows = []
+    for index, raw in enumerate(document.get("attack_rows", [])):
+        source = sources.get(raw["source"])
+        if source is None:
+            raise InvalidOption(f"{DATA_FILE}: attack row {index} names unknown source "
+                                f"{raw['source']!r}")
+        if raw["figure"] not in ATTACK_FIGURES:
+            raise InvalidOption(f"{DATA_FILE}: attack row {index} has figure {raw['figure']!r}, "
+                                f"not one of {ATTACK_FIGURES}")
+        rows.append(PublishedAttackRow(
+            source=raw["source"], title=source["title"], url=source["url"], where=source["where"],
+            figure=raw["figure"], model=raw["model"], dataset=raw["dataset"],
+            image_side=int(raw["image_side"]), patch_area_percent=float(raw["patch_area_percent"]),
+            value=float(raw["value"]), note=raw.get("note", ""),
+        ))
+    return tuple(rows)
+
+
 def load_published(text: str | None = None) -> tuple[PublishedRow, ...]:
     """The shipped published rows (or those of ``text``, a JSON document of the same form);
     a row with an unknown source or kind is a ValueError naming it."""
-    if text is None:
-        text = resources.files("pipeline.report").joinpath(DATA_FILE).read_text(encoding="utf-8")
-    document = json.loads(text)
+    document = _document(text)
     sources = document["sources"]
     rows = []
     for index, raw in enumerate(document["rows"]):
@@ -74,11 +137,14 @@ def load_published(text: str | None = None) -> tuple[PublishedRow, ...]:
     return tuple(rows)
 
 
-def relevant(rows: tuple[PublishedRow, ...], image_side: int, classes: int) -> tuple[PublishedRow, ...]:
-    """The rows comparable with a run: same image side and, for the two datasets we ship,
-    the same class count (CIFAR-10: 10 classes at 32 px; ImageNet: 1000 at 224 px)."""
+def comparable(row: PublishedRow | PublishedAttackRow, image_side: int, classes: int) -> bool:
+    """Whether a published row is comparable with a run: same image side and, for the two
+    datasets we ship, the same class count (CIFAR-10: 10 classes at 32 px; ImageNet: 1000 at
+    224 px)."""
     expected = {"CIFAR-10": 10, "ImageNet": 1000}
-    return tuple(
-        row for row in rows
-        if row.image_side == image_side and expected.get(row.dataset, classes) == classes
-    )
+    return row.image_side == image_side and expected.get(row.dataset, classes) == classes
+
+
+def relevant(rows: tuple[PublishedRow, ...], image_side: int, classes: int) -> tuple[PublishedRow, ...]:
+    """The rows comparable with a run (:func:`comparable`)."""
+    return tuple(row for row in rows if comparable(row, image_side, classes))

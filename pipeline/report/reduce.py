@@ -162,19 +162,45 @@ class RunData:
         return list(self.manifest.get("dataset", {}).get("class_names") or [])
 
 
-def load_run(location: str, s3: storage.S3Options | None = None) -> RunData:
-    """Read and check ``manifest.json`` and every shard of a run folder (local or s3://)."""
+def read_manifest(location: str, s3: storage.S3Options | None, required: tuple[str, ...],
+                  command: str = "certify") -> dict[str, Any]:
+    """``location``'s ``manifest.json``, refused when absent, not JSON or without a
+    ``required`` key (``command``: the job that writes such folders, for the message)."""
     manifest_at = storage.join(location, "manifest.json")
     try:
         manifest = json.loads(storage.read_bytes(manifest_at, s3))
     except FileNotFoundError:
-        raise ReportRefused(f"{location}: no manifest.json (not a `scalecert certify` run "
+        raise ReportRefused(f"{location}: no manifest.json (not a `scalecert {command}` run "
                             "folder?)") from None
     except json.JSONDecodeError as exc:
         raise ReportRefused(f"{manifest_at}: not valid JSON ({exc})") from None
-    for key in ("fingerprint", "run_id", "shards", "patch_px", "config", "dataset"):
+    for key in required:
         if key not in manifest:
             raise ReportRefused(f"{manifest_at}: no {key!r} entry")
+    return manifest
+
+
+def missing_shard(shard: dict[str, Any]) -> MissingShard:
+    """The report entry of a shard the manifest lists but that has no file."""
+    return MissingShard(int(shard["index"]), int(shard["images"]), shard.get("first", ""),
+                        shard.get("last", ""))
+
+
+def check_fingerprint(at: str, manifest: dict[str, Any],
+                      s3: storage.S3Options | None = None) -> None:
+    """Refuse the Parquet file ``at`` unless its metadata carries the manifest's fingerprint."""
+    fingerprint = read_metadata(at, s3).get("fingerprint")
+    if fingerprint != manifest["fingerprint"]:
+        raise ReportRefused(
+            f"{at}: fingerprint {str(fingerprint)[:16]} differs from manifest.json's "
+            f"{manifest['fingerprint'][:16]}: the shard belongs to another run (config, "
+            "model or data); refusing to mix results")
+
+
+def load_run(location: str, s3: storage.S3Options | None = None) -> RunData:
+    """Read and check ``manifest.json`` and every shard of a run folder (local or s3://)."""
+    manifest = read_manifest(location, s3, ("fingerprint", "run_id", "shards", "patch_px",
+                                            "config", "dataset"))
     keys_per_image = len(manifest["patch_px"]) * len(manifest["config"]["methods"])
     tables: list[pa.Table] = []
     missing: list[MissingShard] = []
@@ -182,15 +208,9 @@ def load_run(location: str, s3: storage.S3Options | None = None) -> RunData:
         index = int(shard["index"])
         at = part_location(location, index)
         if not storage.exists(at, s3):
-            missing.append(MissingShard(index, int(shard["images"]), shard.get("first", ""),
-                                        shard.get("last", "")))
+            missing.append(missing_shard(shard))
             continue
-        fingerprint = read_metadata(at, s3).get("fingerprint")
-        if fingerprint != manifest["fingerprint"]:
-            raise ReportRefused(
-                f"{at}: fingerprint {str(fingerprint)[:16]} differs from manifest.json's "
-                f"{manifest['fingerprint'][:16]}: the shard belongs to another run (config, "
-                "model or data); refusing to mix results")
+        check_fingerprint(at, manifest, s3)
         table = read_table(at, s3)
         _check_shard(at, table, manifest, index, int(shard["images"]) * keys_per_image)
         tables.append(table)
@@ -209,11 +229,9 @@ def _empty_rows() -> pd.DataFrame:
     return SCHEMA.empty_table().to_pandas()
 
 
-def _check_shard(at: str, table: pa.Table, manifest: dict[str, Any], index: int,
-                 expected_rows: int) -> None:
-    if table.num_rows != expected_rows:
-        raise ReportRefused(f"{at}: {table.num_rows} rows, the manifest's plan gives "
-                            f"{expected_rows} (images x patch sizes x methods)")
+def check_shard_identity(at: str, table: pa.Table, manifest: dict[str, Any], index: int) -> None:
+    """Refuse a shard file whose rows name another run_id than the manifest's or another
+    shard than ``index``."""
     run_ids = set(table.column("run_id").to_pylist())
     if run_ids != {manifest["run_id"]}:
         raise ReportRefused(f"{at}: rows of run(s) {sorted(map(str, run_ids))}, manifest.json "
@@ -221,6 +239,14 @@ def _check_shard(at: str, table: pa.Table, manifest: dict[str, Any], index: int,
     shards = set(table.column("shard").to_pylist())
     if shards != {index}:
         raise ReportRefused(f"{at}: rows say shard(s) {sorted(shards)}, expected {index}")
+
+
+def _check_shard(at: str, table: pa.Table, manifest: dict[str, Any], index: int,
+                 expected_rows: int) -> None:
+    if table.num_rows != expected_rows:
+        raise ReportRefused(f"{at}: {table.num_rows} rows, the manifest's plan gives "
+                            f"{expected_rows} (images x patch sizes x methods)")
+    check_shard_identity(at, table, manifest, index)
     wanted = {(int(px), m) for px in manifest["patch_px"] for m in manifest["config"]["methods"]}
     found = set(zip(table.column("patch_px").to_pylist(), table.column("method").to_pylist()))
     if found != wanted:
