@@ -39,57 +39,91 @@ def methods_command() -> None:
         click.echo(line)
 
 
+# The options of a certification run, shared by `certify` and `attack` (an attack run
+# certifies every clean image with the same options).
+_RUN_OPTIONS = (
+    click.option("--data", help="Labelled images: root/<class>/<image>, or an ImageNet val folder "
+                 "with --ground-truth; a local path or s3://bucket/prefix."),
+    click.option("--model", help="Model name (`scalecert models` lists them)."),
+    click.option("--checkpoint", help="State-dict file (local or s3://); default: random weights."),
+    click.option("--patch", "patches", multiple=True,
+                 help="Patch side in pixels (32) or share of the image area (2%). Repeatable."),
+    click.option("--method", "methods", multiple=True, type=click.Choice(available_methods()),
+                 help="Defense(s) to certify (`scalecert methods` lists them); repeatable. "
+                      "Default: scalecert."),
+    click.option("--top-k", type=float, help="Share of superficial positions SIN pruning keeps (0.15)."),
+    click.option("--masks-per-axis", type=int, help="Masks per image axis (6: 36 masks)."),
+    click.option("--r", type=int, help="Coverage r: each patch lies in an r x r block of masks (1)."),
+    click.option("--layer", help="Superficial layer to split at (default: after the first ReLU)."),
+    click.option("--margin", type=float, help="Logit margin every certifying prediction needs (1e-3)."),
+    click.option("--vote", type=click.Choice(["unanimous", "majority"]),
+                 help="Detection rule for r >= 2: unanimous (default; Algorithm 1's block and "
+                      "majority rules) or majority (every r x r block's strict majority must be "
+                      "M(x); certificates need a strict majority for the label in every block)."),
+    click.option("--alert-confidence", type=float,
+                 help="TAU in (0, 1): detection alerts only on a window that disagrees with "
+                      "softmax confidence >= TAU, and certificates need every window at >= TAU "
+                      "(detection methods, r = 1). Default: off (any disagreement alerts)."),
+    click.option("--full-map/--no-full-map", default=None,
+                 help="Run every mask and store each image's per-mask predictions (audits). "
+                      "Default: stop an image's masks once its outcome is settled (r = 1)."),
+    click.option("--ground-truth", help="ImageNet val: LOC_val_solution.csv or a 1-based label file."),
+    click.option("--synsets", help="ImageNet: file of the 1000 synsets (sorted order = class index)."),
+    click.option("--out", help="Output folder (local or s3://): manifest.json and the rows "
+                 "(certificates/; attack runs: attacks/)."),
+    click.option("--config", "config_path", type=click.Path(dir_okay=False),
+                 help="YAML file with the same options (flags override it)."),
+    click.option("--address", help="Ray cluster address (auto, ray://host:10001); default: local."),
+    click.option("--workers", type=int, help="Worker actors (default: one per GPU, else 1)."),
+    click.option("--gpus-per-worker", type=float, help="GPUs per worker (default 1 when GPUs exist)."),
+    click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Worker device (auto)."),
+    click.option("--shard-size", type=int, help="Images per shard and Parquet file (256)."),
+    click.option("--batch-size", type=int,
+                 help="(image, mask) pairs per forward pass of g (64 on a CPU, 256 on CUDA)."),
+    click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]),
+                 help="How g runs: bf16 autocast re-checks close calls in fp32, so outcomes equal "
+                      "fp32's (auto: bf16 on cuda, fp32 on cpu)."),
+    click.option("--compile/--no-compile", default=None,
+                 help="torch.compile g, falling back to eager if it fails (default: on for cuda)."),
+    click.option("--fuse-bn/--no-fuse-bn", default=None,
+                 help="Fold g's BatchNorms into its convolutions, close calls re-checked in eager "
+                      "fp32 (default: on)."),
+    click.option("--limit", type=int, help="Certify only the first N images (sorted keys)."),
+    click.option("--resume/--no-resume", default=None,
+                 help="Skip shards already written with the same fingerprint (default: resume)."),
+    click.option("--s3-endpoint", help="S3-compatible endpoint URL (default: $AWS_ENDPOINT_URL)."),
+    click.option("--quiet", is_flag=True, help="No progress bar."),
+)
+
+
+def _run_options(command: Any) -> Any:
+    """``command`` with every option of :data:`_RUN_OPTIONS`, in their order."""
+    return _with(_RUN_OPTIONS)(command)
+
+
+# The per-image attack's budget, shared by `attack` and `analyze`.
+_ATTACK_BUDGET = (
+    click.option("--steps", type=int, help="Optimisation steps per restart (40)."),
+    click.option("--restarts", type=int, help="Restarts per image; the strongest wins (2)."),
+    click.option("--step-size", type=float, help="Signed-gradient step on pixel values (1/16)."),
+    click.option("--location", type=click.Choice(["worst", "random"]),
+                 help="Where the patch goes: the worst position of a coarse search (default), "
+                      "or a random one per restart."),
+    click.option("--seed", type=int, help="Seed of positions and restarts (0)."),
+)
+
+
+def _with(options: tuple[Any, ...]) -> Any:
+    """A decorator adding ``options`` to a command, in their order."""
+    def decorate(command: Any) -> Any:
+        for option in reversed(options):
+            command = option(command)
+        return command
+    return decorate
+
+
 @main.command("certify")
-@click.option("--data", help="Labelled images: root/<class>/<image>, or an ImageNet val folder "
-              "with --ground-truth; a local path or s3://bucket/prefix.")
-@click.option("--model", help="Model name (`scalecert models` lists them).")
-@click.option("--checkpoint", help="State-dict file (local or s3://); default: random weights.")
-@click.option("--patch", "patches", multiple=True,
-              help="Patch side in pixels (32) or share of the image area (2%). Repeatable.")
-@click.option("--method", "methods", multiple=True, type=click.Choice(available_methods()),
-              help="Defense(s) to certify (`scalecert methods` lists them); repeatable. "
-                   "Default: scalecert.")
-@click.option("--top-k", type=float, help="Share of superficial positions SIN pruning keeps (0.15).")
-@click.option("--masks-per-axis", type=int, help="Masks per image axis (6: 36 masks).")
-@click.option("--r", type=int, help="Coverage r: each patch lies in an r x r block of masks (1).")
-@click.option("--layer", help="Superficial layer to split at (default: after the first ReLU).")
-@click.option("--margin", type=float, help="Logit margin every certifying prediction needs (1e-3).")
-@click.option("--vote", type=click.Choice(["unanimous", "majority"]),
-              help="Detection rule for r >= 2: unanimous (default; Algorithm 1's block and "
-                   "majority rules) or majority (every r x r block's strict majority must be "
-                   "M(x); certificates need a strict majority for the label in every block).")
-@click.option("--alert-confidence", type=float,
-              help="TAU in (0, 1): detection alerts only on a window that disagrees with "
-                   "softmax confidence >= TAU, and certificates need every window at >= TAU "
-                   "(detection methods, r = 1). Default: off (any disagreement alerts).")
-@click.option("--full-map/--no-full-map", default=None,
-              help="Run every mask and store each image's per-mask predictions (audits). "
-                   "Default: stop an image's masks once its outcome is settled (r = 1).")
-@click.option("--ground-truth", help="ImageNet val: LOC_val_solution.csv or a 1-based label file.")
-@click.option("--synsets", help="ImageNet: file of the 1000 synsets (sorted order = class index).")
-@click.option("--out", help="Output folder (local or s3://): manifest.json, certificates/.")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False),
-              help="YAML file with the same options (flags override it).")
-@click.option("--address", help="Ray cluster address (auto, ray://host:10001); default: local.")
-@click.option("--workers", type=int, help="Worker actors (default: one per GPU, else 1).")
-@click.option("--gpus-per-worker", type=float, help="GPUs per worker (default 1 when GPUs exist).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Worker device (auto).")
-@click.option("--shard-size", type=int, help="Images per shard and Parquet file (256).")
-@click.option("--batch-size", type=int,
-              help="(image, mask) pairs per forward pass of g (64 on a CPU, 256 on CUDA).")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]),
-              help="How g runs: bf16 autocast re-checks close calls in fp32, so outcomes equal "
-                   "fp32's (auto: bf16 on cuda, fp32 on cpu).")
-@click.option("--compile/--no-compile", default=None,
-              help="torch.compile g, falling back to eager if it fails (default: on for cuda).")
-@click.option("--fuse-bn/--no-fuse-bn", default=None,
-              help="Fold g's BatchNorms into its convolutions, close calls re-checked in eager "
-                   "fp32 (default: on).")
-@click.option("--limit", type=int, help="Certify only the first N images (sorted keys).")
-@click.option("--resume/--no-resume", default=None,
-              help="Skip shards already written with the same fingerprint (default: resume).")
-@click.option("--s3-endpoint", help="S3-compatible endpoint URL (default: $AWS_ENDPOINT_URL).")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_run_options
 def certify_command(config_path: str | None, quiet: bool, **options: Any) -> None:
     """Certify every image of a labelled dataset; one Parquet certificate file per shard."""
     from pipeline.run.config import RunConfig
@@ -119,6 +153,148 @@ def _run_and_report(run: Any, quiet: bool) -> None:
                + (f", {summary.images_per_s:.1f} images/s" if summary.images_run else ""))
     for (patch_px, method), accuracy in summary.certified_accuracy().items():
         click.echo(f"  certified accuracy {method:<10} {patch_px:>3} px: {100 * accuracy:5.1f}%")
+
+
+@main.command("attack")
+@_run_options
+@click.option("--attack", type=click.Choice(["per-image", "universal", "adaptive", "detector"]),
+              help="per-image: optimise each image's patch (default); universal: one patch "
+                   "trained on --universal-data (Eq. 3), pasted at random positions; adaptive: "
+                   "per-image with the activation penalty --alpha (Eq. 6); detector: fool M "
+                   "while every window agrees with the wrong label.")
+@click.option("--attack-model", type=click.Choice(["undefended", "defended"]),
+              help="The model the attack optimises against: the plain model, or the "
+                   "method's M (default: defended).")
+@_with(_ATTACK_BUDGET)
+@click.option("--eot", type=int, help="Positions averaged per step (expectation over "
+              "locations; 1: the patch stays put).")
+@click.option("--alpha", type=float, help="Adaptive: weight of the activation penalty (1.0).")
+@click.option("--target", type=int, help="Targeted attack: the class aimed at (default: "
+              "untargeted).")
+@click.option("--universal-data", help="Universal: labelled training images to train the "
+              "patch on (local or s3://).")
+@click.option("--universal-images", type=int, help="Universal: training images used, spread "
+              "over the listing (1000).")
+@click.option("--universal-epochs", type=int, help="Universal: passes over them (2).")
+def attack_command(config_path: str | None, quiet: bool, **options: Any) -> None:
+    """Attack every image of a labelled dataset with adversarial patches and run the defense
+    on the attacked images; one Parquet file of attack rows per shard, and the audit.
+
+    Each clean image is certified in the same run with the same options. A certified image
+    whose attacked version ends in neither its label nor ALERT breaks the certificate: such
+    violations are printed and make the command exit with code 3.
+    """
+    from pipeline.io import storage
+    from pipeline.progress import ProgressLine
+    from pipeline.run.attack_config import AttackRun
+    from pipeline.run.attack_driver import run_attack
+
+    overrides = {k: (None if v == () else v) for k, v in options.items()}
+    try:
+        attack_run = AttackRun.from_sources(config_path, overrides)
+    except Refusal as exc:
+        raise click.UsageError(str(exc)) from None
+    run = attack_run.run
+    progress = ProgressLine(enabled=not quiet)
+    try:
+        summary = run_attack(attack_run, progress=progress.shard_done, on_plan=progress.start,
+                             log=click.echo)
+    except Refusal as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        progress.close()
+    click.echo(f"run {run.out}: {summary.images} images in {summary.shards} shards "
+               f"({summary.shards_skipped} already done), {summary.errors} errors, "
+               f"{summary.wall_s:.1f} s")
+    _attack_report(run.out, None, storage.S3Options(endpoint=run.s3_endpoint))
+
+
+def _attack_report(run: str, out_dir: str | None, s3: Any) -> None:
+    """Reduce an attack run into attack_report.json/.md/.html, print its figures and audit
+    it: exit 3 when a certified image was fooled."""
+    from pipeline.report.attacks import (
+        attack_figures,
+        read_attack_run,
+        violation_lines,
+        write_attack_report,
+    )
+    from pipeline.report.text import pct
+
+    try:
+        stored = read_attack_run(run, s3)
+        figures = attack_figures(stored.table)
+        written = write_attack_report(out_dir or run, stored, figures, s3)
+    except Refusal as exc:
+        raise click.ClickException(str(exc)) from None
+    for g in figures:
+        click.echo(f"  {g.attack} on {g.attack_model}, {g.method:<10} {g.patch_px:>3} px: fools "
+                   f"the undefended model {pct(g.undefended_success.to_dict())}, M "
+                   f"{pct(g.pruned_success.to_dict())}; alerts {pct(g.alert_rate.to_dict())}, "
+                   f"wrong label {pct(g.defended_fooled.to_dict())}, recovered "
+                   f"{pct(g.empirical_recovery.to_dict())}; {len(g.violations)} violations of "
+                   f"{g.certified} certified")
+    if stored.missing:
+        click.echo(f"MISSING shards {[m.index for m in stored.missing]}: their images are in "
+                   "no figure", err=True)
+    click.echo("wrote " + ", ".join(written))
+    lines = violation_lines(figures)
+    if lines:
+        for line in lines:
+            click.echo(line, err=True)
+        click.echo(f"audit FAILED: {len(lines)} certified images were fooled", err=True)
+        sys.exit(EXIT_AUDIT_FAILED)
+    click.echo("audit passed: no certified image was fooled")
+
+
+@main.command("analyze")
+@click.option("--data", help="Labelled images root/<class>/<image>, local or s3://.")
+@click.option("--model", help="Model name (`scalecert models` lists them).")
+@click.option("--checkpoint", help="State-dict file (local or s3://); default: random weights.")
+@click.option("--patch", help="One patch size: pixels (5) or share of the image area (2.4%).")
+@click.option("--method", type=click.Choice(available_methods()),
+              help="The defense whose M and detector are measured (default scalecert).")
+@click.option("--top-k", type=float,
+              help="Share of superficial positions SIN pruning keeps (0.15).")
+@click.option("--masks-per-axis", type=int, help="Masks per image axis of the detector (6).")
+@click.option("--layer", help="Superficial layer (default: after the first ReLU).")
+@click.option("--images", type=int, help="Images, spread evenly over the listing (500).")
+@click.option("--count", type=int, help="Strongest superficial neurons per image (200).")
+@click.option("--alpha", "alphas", type=float, multiple=True,
+              help="Adaptive attack penalty weight of the sweep (Eq. 6); repeatable, replaces "
+                   "the default 0, 0.5, 1, 2, 4.")
+@click.option("--attack-model", type=click.Choice(["undefended", "defended"]),
+              help="The model the per-image attack optimises against (default: undefended, as "
+                   "in the paper's analysis).")
+@_with(_ATTACK_BUDGET)
+@click.option("--out", help="Output folder (local or s3://), required (here or in --config): "
+              "analysis.json, analysis.md, analysis.html.")
+@click.option("--s3-endpoint", help="S3-compatible endpoint URL (default: $AWS_ENDPOINT_URL).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="YAML file with the same options (flags override it).")
+def analyze_command(config_path: str | None, **options: Any) -> None:
+    """The paper's Fig. 1 SIN statistics on a labelled dataset, in this process: how localized
+    the strongest superficial neurons are on benign and per-image-patched images (distance
+    spread, MeanShift clusters), M's accuracy with the densest SIN cluster occluded, and the
+    adaptive attack's success and detection against alpha. Writes analysis.json/.md/.html.
+    """
+    from pipeline.io import storage
+    from pipeline.report.analysis import summary_lines, write_analysis
+    from pipeline.run.analyze import AnalyzeRun, run_analysis
+
+    overrides = {k: (None if v == () else v) for k, v in options.items()}
+    try:
+        run = AnalyzeRun.from_sources(config_path, overrides)
+    except Refusal as exc:
+        raise click.UsageError(str(exc)) from None
+    try:
+        stats = run_analysis(run, log=click.echo)
+        written = write_analysis(run.run.out, stats,
+                                 storage.S3Options(endpoint=run.run.s3_endpoint))
+    except Refusal as exc:
+        raise click.ClickException(str(exc)) from None
+    for line in summary_lines(stats):
+        click.echo(line)
+    click.echo("wrote " + ", ".join(written))
 
 
 @main.command("finetune")
@@ -250,7 +426,9 @@ def report_command(run: str, against: str | None, max_drop: float, archive: str 
 
     Exit codes: 0 ok; 1 refused (mixed fingerprints, rows contradicting the manifest, runs of
     different data); 3 audit failed (--against, certified accuracy dropped > --max-drop pp);
-    4 shards missing (report still written; --allow-missing to accept).
+    4 shards missing (report still written; --allow-missing to accept). An attack run's
+    folder (`scalecert attack`) gets attack_report.json/.md/.html and the audit instead: exit 3
+    when a certified image was fooled.
     """
     from pipeline.io import storage
     from pipeline.report.archive import archive_run
@@ -262,8 +440,14 @@ def report_command(run: str, against: str | None, max_drop: float, archive: str 
 
     if max_drop < 0:
         raise click.BadParameter("must be >= 0", param_hint="--max-drop")
+    s3 = storage.S3Options(endpoint=s3_endpoint)
+    if _is_attack_run(run, s3):
+        if against or archive:
+            raise click.UsageError("--against and --archive take certify runs; "
+                                   f"{run} is an attack run")
+        _attack_report(run, out_dir, s3)
+        return
     try:
-        s3 = storage.S3Options(endpoint=s3_endpoint)
         data = load_run(run, s3)
         previous = load_run(against, s3) if against else None
         report = build_report(data, load_published(), previous, max_drop, worst)
@@ -313,6 +497,19 @@ def report_command(run: str, against: str | None, max_drop: float, archive: str 
         sys.exit(EXIT_AUDIT_FAILED)
     if not comp["complete"] and not allow_missing:
         sys.exit(EXIT_INCOMPLETE)
+
+
+def _is_attack_run(run: str, s3: Any) -> bool:
+    """Whether the folder ``run`` holds a `scalecert attack` run (its manifest says so)."""
+    import json
+
+    from pipeline.io import storage
+
+    try:
+        manifest = json.loads(storage.read_bytes(storage.join(run, "manifest.json"), s3))
+    except (OSError, ValueError):
+        return False  # the certify report names what is wrong with the folder
+    return isinstance(manifest, dict) and manifest.get("job") == "attack"
 
 
 if __name__ == "__main__":

@@ -245,3 +245,50 @@ def test_recovery_beside_detection_in_one_run_and_its_report(
     assert "| masking | 5 px |" in markdown[detection_at:recovery_at]
     page = (out / "report.html").read_text()
     assert 'id="measured-recovery"' in page and "measured: patchcleanser (recovery)" in page
+
+
+def test_attack_run_on_ray_certifies_attacks_detects_and_resumes(
+    ray_session, tmp_path, cifar10_test_dir
+) -> None:
+    """`scalecert attack` through the Ray pipeline: one row per (image, method), the
+    ``certified`` column is the library's certificate of the clean image with the same
+    options, the attacked images fool the undefended model, the audit passes, and a rerun
+    recomputes nothing."""
+    checkpoint = Path(__file__).resolve().parent.parent / "models" / "cifar10-resnet20-masking-2.4.pt"
+    data = copy_class_subset(cifar10_test_dir, tmp_path / "cifar", per_class=2)
+    out = tmp_path / "run"
+    args = ["attack", "--quiet", "--data", str(data), "--model", "cifar_resnet20",
+            "--checkpoint", str(checkpoint), "--patch", "2.4%", "--method", "masking",
+            "--method", "scalecert", "--attack-model", "undefended", "--steps", "10",
+            "--restarts", "1", "--out", str(out), "--shard-size", "10"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert "audit passed: no certified image was fooled" in result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["job"] == "attack" and manifest["attack"]["attack_model"] == "undefended"
+    rows = [row for part in sorted((out / "attacks").glob("part-*.parquet"))
+            for row in pq.read_table(part).to_pylist()]
+    assert len(rows) == 40 and {r["method"] for r in rows} == {"masking", "scalecert"}
+    assert all(r["status"] == "ok" and r["run_id"] == manifest["run_id"] for r in rows)
+    images, labels = load_image_folder(data)
+    model = load_model("cifar_resnet20", checkpoint=checkpoint)
+    ids = sorted(p.relative_to(data).as_posix() for p in data.glob("*/*"))
+    for method in ("masking", "scalecert"):
+        direct = Certifier(model, CertConfig(patch_px=5, method=method)).certify(images, labels)
+        by_id = {r["image_id"]: r for r in rows if r["method"] == method}
+        assert [by_id[i]["certified"] for i in ids] == direct.certified.tolist()
+        assert [by_id[i]["prediction"] for i in ids] == direct.prediction.tolist()
+    right = [r for r in rows if r["vanilla_prediction"] == r["label"]]
+    assert sum(r["attacked_vanilla_prediction"] != r["label"] for r in right) > len(right) / 2
+    for row in rows:
+        if row["detect_output"] == -1 and row["alert_box"] is not None:
+            assert row["localized"] is not None
+        if row["detect_output"] != -1:
+            assert row["localized"] is None and row["detect_output"] == row["attacked_prediction"]
+    assert (out / "attack_report.md").is_file() and (out / "attack_report.html").is_file()
+
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "attacks").iterdir()}
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0, again.output
+    assert "2 of 2 shards already done" in again.output
+    assert {p: p.stat().st_mtime_ns for p in (out / "attacks").iterdir()} == stamps

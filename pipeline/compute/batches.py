@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ from PIL import Image
 
 from pipeline.io.images import Preprocess, read_labelled
 from pipeline.io.sources import open_dataset
+from pipeline.io.storage import S3Options
 from scalecert.errors import InvalidOption
 
 
@@ -71,3 +73,26 @@ def load_image_folder(
         arrays.append(outcome.pixels)
     labels = torch.tensor([record.label for record in records], dtype=torch.int64)
     return to_batch(arrays), labels
+
+
+def load_spread(
+    source: str, count: int, num_classes: int, side: int, s3: S3Options | None = None,
+    option: str = "data",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` labelled images of ``source`` (local or s3://) spread evenly over its sorted
+    listing, so that every class is in (the first ``count`` keys would be the first folders
+    only), read and preprocessed for ``side`` px models as ``certify`` does; unusable images
+    are left out. ``option``: the flag named when none is usable."""
+    records = open_dataset(source, s3=s3).records
+    step = max(1, len(records) // count)
+    chosen = records[::step][:count]
+    preprocess = Preprocess.for_input_size(side)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        outcomes = list(pool.map(lambda r: read_labelled(r, preprocess, num_classes, s3), chosen))
+    good = [(record, outcome) for record, outcome in zip(chosen, outcomes)
+            if outcome.pixels is not None]
+    if not good:
+        raise InvalidOption(f"--{option}: none of the {len(chosen)} images read from {source} "
+                            "can be used")
+    labels = torch.tensor([record.label for record, _ in good], dtype=torch.int64)
+    return to_batch([outcome.pixels for _, outcome in good]), labels

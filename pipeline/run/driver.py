@@ -27,8 +27,10 @@ import pyarrow as pa
 from pipeline.compute.cluster import cluster_resources, init_ray, worker_layout
 from pipeline.compute.models import load_stored_model
 from pipeline.io import storage
+from pipeline.io.attack_rows import attack_part_location
 from pipeline.io.certificates import part_location, read_metadata, read_table
 from pipeline.io.sources import Dataset, ImageRecord, listing_sha256, open_dataset
+from pipeline.run.attack_config import AttackOptions
 from pipeline.run.config import RunConfig
 from pipeline.run.worker import ShardSummary, ShardTask, ShardWorker, WorkerSettings
 from scalecert import __version__
@@ -51,19 +53,31 @@ class Plan:
     patch_pixels: tuple[int, ...]
     checkpoint_sha256: str | None
     fingerprint: str
+    attack: AttackOptions | None = None  # an attack run (`scalecert attack`), else certify
+    num_classes: int | None = None  # the model's
 
     @property
     def run_id(self) -> str:
         return self.fingerprint[:16]
+
+    def part_location(self, index: int) -> str:
+        """Where shard ``index`` keeps its rows: certificates/ or, for an attack run, attacks/."""
+        if self.attack is not None:
+            return attack_part_location(self.run.out, index)
+        return part_location(self.run.out, index)
 
     def task(self, index: int, crash: bool = False) -> ShardTask:
         start, stop = self.shards[index]
         return ShardTask(index=index, records=self.records[start:stop], crash_before_write=crash)
 
     def metadata(self) -> dict[str, Any]:
-        return {"run_id": self.run_id, "fingerprint": self.fingerprint, "version": __version__,
-                "config": self.run.to_dict(), "checkpoint_sha256": self.checkpoint_sha256,
-                "patch_px": list(self.patch_pixels)}
+        metadata = {"run_id": self.run_id, "fingerprint": self.fingerprint,
+                    "version": __version__, "config": self.run.to_dict(),
+                    "checkpoint_sha256": self.checkpoint_sha256,
+                    "patch_px": list(self.patch_pixels)}
+        if self.attack is not None:
+            metadata.update(job="attack", attack=self.attack.to_dict())
+        return metadata
 
     def manifest(self) -> dict[str, Any]:
         return {
@@ -82,8 +96,9 @@ class Plan:
         }
 
 
-def make_plan(run: RunConfig) -> Plan:
-    """List the data and fix everything the workers need, without starting Ray."""
+def make_plan(run: RunConfig, attack: AttackOptions | None = None) -> Plan:
+    """List the data and fix everything the workers need, without starting Ray; ``attack``:
+    the options of an attack run (they enter its fingerprint)."""
     s3 = storage.S3Options(endpoint=run.s3_endpoint)
     try:  # the weights are checked here, before any shard: a bad checkpoint fails fast
         model = load_stored_model(run.model, run.checkpoint, s3)
@@ -105,12 +120,13 @@ def make_plan(run: RunConfig) -> Plan:
         for start in range(0, len(records), run.shard_size)
     )
     listing = listing_sha256(records)
-    fingerprint = hashlib.sha256(json.dumps({
-        "config": run.fingerprint_fields(), "checkpoint_sha256": checkpoint_sha,
-        "dataset": listing, "version": __version__, "patch_px": list(patch_pixels),
-    }, sort_keys=True).encode()).hexdigest()
+    fields = {"config": run.fingerprint_fields(), "checkpoint_sha256": checkpoint_sha,
+              "dataset": listing, "version": __version__, "patch_px": list(patch_pixels)}
+    if attack is not None:
+        fields["attack"] = {"job": "attack", **attack.to_dict()}
+    fingerprint = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
     return Plan(run, dataset, records, shards, image_side, patch_pixels, checkpoint_sha,
-                fingerprint)
+                fingerprint, attack, model.num_classes)
 
 
 def prepare_output(plan: Plan) -> list[int]:
@@ -132,7 +148,7 @@ def prepare_output(plan: Plan) -> list[int]:
         return list(range(len(plan.shards)))
 
     def done(index: int) -> bool:
-        location = part_location(run.out, index)
+        location = plan.part_location(index)
         return (storage.exists(location, s3)
                 and read_metadata(location, s3).get("fingerprint") == plan.fingerprint)
 
@@ -174,7 +190,7 @@ def collect(plan: Plan) -> pa.Table:
     s3 = storage.S3Options(endpoint=plan.run.s3_endpoint)
     # in threads: on S3 each file is a round trip, and 50,000 images make ~200 of them
     with ThreadPoolExecutor(max_workers=16) as pool:
-        tables = list(pool.map(lambda i: read_table(part_location(plan.run.out, i), s3),
+        tables = list(pool.map(lambda i: read_table(plan.part_location(i), s3),
                                range(len(plan.shards))))
     table = pa.concat_tables(tables) if tables else pa.table({})
     expected = len(plan.records) * len(plan.patch_pixels) * len(plan.run.methods)
@@ -188,9 +204,11 @@ def execute(
     todo: list[int],
     on_shard: Callable[[ShardSummary], None] | None = None,
     max_attempts: int = 3,
+    worker: tuple[type, tuple] = (ShardWorker, ()),
 ) -> None:
     """Run the shards in ``todo`` on a pool of Ray actors (Ray must be initialised); a shard
-    whose worker dies is retried, up to ``max_attempts`` tries in all."""
+    whose worker dies is retried, up to ``max_attempts`` tries in all. ``worker``: the actor
+    class and its arguments after the settings (the certify worker by default)."""
     import ray
     from ray.exceptions import ActorUnavailableError, RayActorError, WorkerCrashedError
 
@@ -204,9 +222,10 @@ def execute(
         run=run, run_id=plan.run_id, metadata=plan.metadata(), patch_pixels=plan.patch_pixels,
         image_side=plan.image_side, device=layout.device, threads=layout.threads,
     )
-    actor_class = ray.remote(ShardWorker).options(
+    worker_class, worker_args = worker
+    actor_class = ray.remote(worker_class).options(
         num_cpus=layout.cpus, num_gpus=layout.gpus, max_restarts=-1, max_task_retries=0)
-    actors = [actor_class.remote(settings) for _ in range(workers)]
+    actors = [actor_class.remote(settings, *worker_args) for _ in range(workers)]
     crash_shard = os.environ.get(_CRASH_SHARD_ENV)
     attempts: dict[int, int] = {}
     queue = list(todo)

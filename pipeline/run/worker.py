@@ -129,8 +129,7 @@ class ShardWorker:
             good: list[tuple[ImageRecord, np.ndarray]] = []
             for record, outcome in chunk:
                 if isinstance(outcome, str):
-                    blocks.append(error_rows(context, record.image_id, record.label, outcome,
-                                             self.keys))
+                    blocks.append(self._error_rows(context, record, outcome))
                     errors += 1
                 else:
                     good.append((record, outcome))
@@ -138,13 +137,34 @@ class ShardWorker:
                 blocks += self._certify_chunk(context, good, certified)
         if task.crash_before_write:
             os._exit(17)  # simulate a worker killed mid-shard (tests only)
-        data = to_parquet_bytes(blocks, {**self.settings.metadata, "written_by": self.written_by})
-        storage.write_bytes_atomic(part_location(self.settings.run.out, task.index), data, self.s3)
+        data = self._parquet_bytes(blocks, {**self.settings.metadata, "written_by": self.written_by})
+        storage.write_bytes_atomic(self._location(task.index), data, self.s3)
         return ShardSummary(
             index=task.index, images=len(task.records), errors=errors,
             rows=sum(block.num_rows for block in blocks), seconds=time.perf_counter() - start, certified=certified,
             started_at=started_at, finished_at=time.time(),
         )
+
+    # -- what a job of another kind (pipeline.run.attack_worker) replaces ----------------
+
+    def _location(self, shard: int) -> str:
+        """Where this job writes the rows of ``shard``."""
+        return part_location(self.settings.run.out, shard)
+
+    def _error_rows(self, context: RowContext, record: ImageRecord, reason: str) -> pa.Table:
+        """The rows of an image that could not be read, one per (patch size, method)."""
+        return error_rows(context, record.image_id, record.label, reason, self.keys)
+
+    def _parquet_bytes(self, blocks: list[pa.Table], metadata: dict[str, Any]) -> bytes:
+        return to_parquet_bytes(blocks, metadata)
+
+    def _batch(
+        self, chunk: list[tuple[ImageRecord, np.ndarray]]
+    ) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        """A chunk's image ids, labels and images (on the worker's device)."""
+        ids = [record.image_id for record, _ in chunk]
+        labels = torch.tensor([record.label for record, _ in chunk], dtype=torch.int64)
+        return ids, labels, self._to_device(to_batch([array for _, array in chunk]))
 
     def _to_device(self, images: torch.Tensor) -> torch.Tensor:
         """On CUDA: through pinned memory, copied without blocking the host (the copy is
@@ -160,9 +180,7 @@ class ShardWorker:
         chunk: list[tuple[ImageRecord, np.ndarray]],
         certified: dict[str, int],
     ) -> list[pa.Table]:
-        ids = [record.image_id for record, _ in chunk]
-        labels = torch.tensor([record.label for record, _ in chunk], dtype=torch.int64)
-        images = self._to_device(to_batch([array for _, array in chunk]))
+        ids, labels, images = self._batch(chunk)
         blocks = []
         outcomes = self.certifiers.certify(images, labels)  # stems and M(x) shared
         for (patch_px, method), outcome in zip(self.keys, outcomes):

@@ -1,0 +1,89 @@
+"""The options of ``scalecert attack``: a certification run's options plus the attack's, all
+validated before any work.
+
+An attack run certifies every clean image with the run's options (the ``certified`` column)
+and attacks it with :mod:`scalecert.attacks`; the defense then runs on the attacked image.
+The attack options enter the run fingerprint, so changing any of them needs a new ``--out``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from pipeline.options import as_flag_errors, load_yaml, positive_int, require
+from pipeline.run.config import RunConfig
+from scalecert.attacks import ATTACK_MODELS, ATTACKS, AttackConfig
+
+
+@dataclass(frozen=True)
+class AttackOptions:
+    """How each image is attacked (see ``scalecert attack --help``); ``universal_*``: the
+    training split and budget of the universal patch (``--attack universal`` only)."""
+
+    attack: str = "per-image"
+    attack_model: str = "defended"
+    steps: int = 40
+    restarts: int = 2
+    step_size: float = 1 / 16
+    location: str = "worst"
+    eot: int = 1
+    alpha: float = 1.0
+    target: int | None = None
+    seed: int = 0
+    universal_data: str | None = None
+    universal_images: int = 1000
+    universal_epochs: int = 2
+
+    def __post_init__(self) -> None:
+        require(self.attack in ATTACKS, "attack", f"one of {', '.join(ATTACKS)}, got {self.attack!r}")
+        require(self.attack_model in ATTACK_MODELS, "attack-model",
+                f"one of {', '.join(ATTACK_MODELS)}, got {self.attack_model!r}")
+        positive_int(self.universal_images, "universal-images")
+        positive_int(self.universal_epochs, "universal-epochs")
+        if self.attack == "universal":
+            require(isinstance(self.universal_data, str) and bool(self.universal_data),
+                    "universal-data", "a labelled training folder (local or s3://) to train "
+                    "the universal patch on")
+        else:
+            require(self.universal_data is None, "universal-data",
+                    f"no value unless --attack universal (the attack is {self.attack})")
+        self.attack_config(1)  # the library checks the rest and names the field
+
+    def attack_config(self, patch_px: int) -> AttackConfig:
+        """The library's configuration for patches of ``patch_px``."""
+        return as_flag_errors(lambda: AttackConfig(
+            patch_px=patch_px, attack=self.attack, steps=self.steps, restarts=self.restarts,
+            step_size=self.step_size, location=self.location, eot=self.eot, alpha=self.alpha,
+            target=self.target, seed=self.seed))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class AttackRun:
+    """One ``scalecert attack`` run: where and what to certify (``run``), how to attack."""
+
+    run: RunConfig
+    options: AttackOptions
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        """The attack options; the run's own fields enter the fingerprint as for certify."""
+        return {"job": "attack", **self.options.to_dict()}
+
+    @classmethod
+    def from_sources(cls, yaml_path: str | Path | None, overrides: dict[str, Any]) -> "AttackRun":
+        """Options from a YAML file with flags taking precedence, as for ``certify``; the
+        attack's keys go to :class:`AttackOptions`, the rest to :class:`RunConfig`."""
+        attack_names = frozenset(f.name for f in fields(AttackOptions))
+        values: dict[str, Any] = {}
+        if yaml_path is not None:
+            known = frozenset({f.name for f in fields(RunConfig)} | {"patch", "method"}
+                              | attack_names)
+            values.update(load_yaml(yaml_path, known))
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        attack_values = {k: values.pop(k) for k in list(values) if k in attack_names}
+        options = AttackOptions(**attack_values)  # refused before the run options are read
+        return cls(run=RunConfig.from_sources(None, values), options=options)

@@ -1,0 +1,123 @@
+"""``scalecert attack``: the certify driver's plan, resume, actor pool and read-back, with the
+attack worker.
+
+Before the shards run, ``--attack universal`` trains one patch per (patch size, method) on
+``--universal-data`` in the driver (the paper's Eq. 3) and keeps it in
+``<out>/universal/<px>px-<method>.json``, so a resumed run attacks with the same patch. The
+rows it returns are audited by the attack report (:mod:`pipeline.report.attacks`): a certified
+image whose attacked version ends in neither its label nor ALERT is a soundness violation.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import pyarrow as pa
+
+from pipeline.compute.batches import load_spread
+from pipeline.compute.cluster import init_ray
+from pipeline.compute.models import load_stored_model
+from pipeline.io import storage
+from pipeline.run.attack_config import AttackRun
+from pipeline.run.attack_worker import AttackSettings, AttackShardWorker, universal_key
+from pipeline.run.driver import Plan, collect, execute, make_plan, prepare_output
+from pipeline.run.worker import ShardSummary
+from scalecert.attacks import train_universal_patch
+from scalecert.errors import InvalidOption
+
+
+@dataclass(frozen=True)
+class AttackSummary:
+    images: int
+    errors: int  # images whose rows have status "error"
+    shards: int
+    shards_skipped: int
+    images_run: int
+    wall_s: float
+    table: pa.Table  # every attack row (the audit reads them: pipeline.report.attacks)
+
+
+def universal_location(out: str, patch_px: int, method: str) -> str:
+    return storage.join(out, "universal", f"{patch_px}px-{method}.json")
+
+
+def universal_patches(plan: Plan, log: Callable[[str], None]) -> dict[str, Any]:
+    """The universal patch of every (patch size, method): read back when this run already
+    trained it (same fingerprint), else trained on ``--universal-data`` and written."""
+    options = plan.attack
+    if options is None or options.attack != "universal":
+        return {}
+    run = plan.run
+    s3 = storage.S3Options(endpoint=run.s3_endpoint)
+    patches: dict[str, Any] = {}
+    missing = []
+    for patch_px in plan.patch_pixels:
+        for method in run.methods:
+            location = universal_location(run.out, patch_px, method)
+            if storage.exists(location, s3):
+                stored = json.loads(storage.read_bytes(location, s3))
+                if stored.get("fingerprint") == plan.fingerprint:
+                    patches[universal_key(patch_px, method)] = stored["patch"]
+                    continue
+            missing.append((patch_px, method))
+    if not missing:
+        return patches
+    model = load_stored_model(run.model, run.checkpoint, s3)
+    images, labels = load_spread(options.universal_data, options.universal_images,
+                                 model.num_classes, model.input_size, s3, "universal-data")
+    for patch_px, method in missing:
+        began = time.perf_counter()
+        patch = train_universal_patch(
+            model, run.cert_config(patch_px, method), images, labels,
+            options.attack_config(patch_px), attack_model=options.attack_model,
+            epochs=options.universal_epochs)
+        values = patch.detach().cpu().tolist()
+        storage.write_text_atomic(
+            universal_location(run.out, patch_px, method),
+            json.dumps({"fingerprint": plan.fingerprint, "patch_px": patch_px,
+                        "method": method, "images": len(labels), "patch": values}) + "\n", s3)
+        patches[universal_key(patch_px, method)] = values
+        log(f"universal patch {patch_px} px / {method}: trained on {len(labels)} images in "
+            f"{time.perf_counter() - began:.1f} s")
+    return patches
+
+
+def run_attack(
+    attack_run: AttackRun,
+    progress: Callable[[ShardSummary], None] | None = None,
+    on_plan: Callable[[Plan, list[int]], None] | None = None,
+    log: Callable[[str], None] = lambda line: None,
+) -> AttackSummary:
+    """Plan, check the output, train a universal patch if asked, attack the missing shards on
+    Ray and read every row back (the caller audits them)."""
+    import ray
+
+    started = time.perf_counter()
+    run = attack_run.run
+    plan = make_plan(run, attack_run.options)
+    target = attack_run.options.target
+    if target is not None and target >= plan.num_classes:
+        raise InvalidOption(f"--target: class {target} is not among the model's "
+                            f"{plan.num_classes} classes (0 to {plan.num_classes - 1})")
+    todo = prepare_output(plan)
+    if on_plan is not None:
+        on_plan(plan, todo)
+    if todo:
+        settings = AttackSettings(attack_run.options, universal_patches(plan, log))
+        owned = init_ray(run.address)
+        try:
+            execute(plan, todo, progress, worker=(AttackShardWorker, (settings,)))
+        finally:
+            if owned:
+                ray.shutdown()
+    table = collect(plan)
+    errors = sum(1 for status in table.column("status").to_pylist() if status == "error")
+    per_image = len(plan.patch_pixels) * len(run.methods)
+    return AttackSummary(
+        images=len(plan.records), errors=errors // per_image, shards=len(plan.shards),
+        shards_skipped=len(plan.shards) - len(todo),
+        images_run=sum(plan.shards[i][1] - plan.shards[i][0] for i in todo),
+        wall_s=time.perf_counter() - started, table=table)
