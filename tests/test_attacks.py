@@ -68,11 +68,11 @@ def test_per_image_attack_fools_a_real_model(request, test_images, model_name, c
                                              attack_model):
     model = request.getfixturevalue(model_name)
     logits_of = attack_logits(model, cert, attack_model)
-    images, labels = right_only(logits_of, *test_images, limit=16)
+    images, labels = right_only(logits_of, *test_images, limit=10)
     config = AttackConfig(patch_px=5, steps=10, restarts=1)
     result = attack_images(model, cert, images, labels, config, attack_model=attack_model)
     fooled = predictions(logits_of, result.images) != labels
-    assert fooled.float().mean() >= 0.6, fooled
+    assert fooled.float().mean() >= 0.7, fooled
     # the reported objective is the margin loss: positive exactly where the model is fooled
     assert torch.equal(result.loss > 0, fooled)
     # early stop: a fooled image took no more steps than the budget, and some took fewer
@@ -84,12 +84,12 @@ def test_targeted_attack_reaches_the_target(masking_model, test_images):
     images, labels = test_images
     target = 3  # cat
     images, labels = right_only(masking_model, images[labels != target], labels[labels != target],
-                                limit=12)
-    config = AttackConfig(patch_px=5, steps=15, restarts=1, target=target)
+                                limit=10)
+    config = AttackConfig(patch_px=5, steps=15, restarts=2, target=target)
     result = attack_images(masking_model, MASKING, images, labels, config,
                            attack_model="undefended")
     reached = predictions(masking_model, result.images) == target
-    assert reached.float().mean() > 0.5, reached
+    assert reached.float().mean() >= 0.6, reached
     assert torch.equal(result.loss > 0, reached)  # the target's margin
 
 
@@ -100,15 +100,15 @@ def test_targeted_attack_reaches_the_target(masking_model, test_images):
 ], ids=["worst", "random", "eot", "adaptive"])
 def test_patch_stays_in_its_box_and_runs_are_reproducible(masking_model, options):
     generator = torch.Generator().manual_seed(0)
-    images = torch.rand(3, 3, 32, 32, generator=generator)
+    images = torch.rand(3, 3, 16, 16, generator=generator)  # small: a 3 x 3 search grid
     labels = torch.tensor([0, 1, 2])
     config = AttackConfig(patch_px=8, steps=2, restarts=2, **options)
     result = attack_images(masking_model, MASKING, images, labels, config)
     boxes = result.boxes
     assert boxes.dtype == torch.int64 and boxes.shape == (3, 4)
-    assert bool(((boxes[:, :2] >= 0) & (boxes[:, 2:] <= 32)).all())
+    assert bool(((boxes[:, :2] >= 0) & (boxes[:, 2:] <= 16)).all())
     assert torch.equal(boxes[:, 2:] - boxes[:, :2], torch.full((3, 2), 8))
-    inside = torch.zeros(3, 1, 32, 32, dtype=torch.bool)
+    inside = torch.zeros(3, 1, 16, 16, dtype=torch.bool)
     for row, (top, left, bottom, right) in enumerate(boxes.tolist()):
         inside[row, :, top:bottom, left:right] = True
     outside = ~inside.expand_as(images)
@@ -162,11 +162,11 @@ def test_attacks_leave_the_model_alone(masking_model):
 @pytest.mark.slow
 def test_universal_patch_beats_a_random_patch_on_held_out_images(masking_model,
                                                                   cifar10_test_dir):
-    images, labels = load_image_folder(cifar10_test_dir, per_class=10)
-    train = torch.arange(len(images)) % 10 < 7  # 7 per class to train, 3 held out
-    config = AttackConfig(patch_px=8, attack="universal", steps=6, step_size=0.1, seed=2)
+    images, labels = load_image_folder(cifar10_test_dir, per_class=8)
+    train = torch.arange(len(images)) % 8 < 5  # 5 per class to train, 3 held out
+    config = AttackConfig(patch_px=8, attack="universal", steps=10, step_size=0.1, seed=2)
     patch = train_universal_patch(masking_model, MASKING, images[train], labels[train], config,
-                                  attack_model="undefended", batch_size=35, epochs=2)
+                                  attack_model="undefended", batch_size=50, epochs=1)
     assert patch.shape == (3, 8, 8)
     held_images, held_labels = images[~train], labels[~train]
     noise = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(5))
@@ -186,12 +186,13 @@ def test_adaptive_penalty_lowers_the_superficial_activation(scalecert_model, tes
                                 *test_images, limit=10)
     activation = {}
     for alpha in (0.0, 4.0):
-        config = AttackConfig(patch_px=5, attack="adaptive", alpha=alpha, steps=8, restarts=1)
+        config = AttackConfig(patch_px=5, attack="adaptive", alpha=alpha, steps=8, restarts=1,
+                              location="random")
         result = attack_images(scalecert_model, SCALECERT, images, labels, config)
         with torch.no_grad():
             activation[alpha] = patch_activation(scalecert_model, None, result.images,
                                                  result.boxes)
-    assert float(activation[4.0].mean()) < 0.8 * float(activation[0.0].mean()), activation
+    assert float(activation[4.0].mean()) < 0.9 * float(activation[0.0].mean()), activation
     assert int((activation[4.0] < activation[0.0]).sum()) >= 8
 
 
@@ -202,7 +203,7 @@ def test_detector_attack_moves_every_window(masking_model, cifar10_test_dir):
     theorem); and it gets more windows to agree than the per-image attack, which only
     aims at M."""
     cert = CertConfig(patch_px=5, method="masking", masks_per_axis=3)
-    images, labels = load_image_folder(cifar10_test_dir, per_class=4)
+    images, labels = load_image_folder(cifar10_test_dir, per_class=4)  # 36 right, 22 certified
     certifier = Certifier(masking_model, cert)
     clean = certifier.certify(images, labels)
     # images that are right but not certified: the only ones the attack can win on
@@ -210,7 +211,7 @@ def test_detector_attack_moves_every_window(masking_model, cifar10_test_dir):
     chosen = torch.cat([chosen, clean.certified.nonzero()[:2, 0]])
     images, labels = images[chosen], labels[chosen]
     certified = clean.certified[chosen]
-    config = AttackConfig(patch_px=5, attack="detector", steps=10, restarts=1)
+    config = AttackConfig(patch_px=5, attack="detector", steps=15, restarts=1)
     result = attack_images(masking_model, cert, images, labels, config)
     detected = certifier.detect(result.images)
     won = (detected.output != ALERT) & (detected.output != labels)
@@ -219,7 +220,7 @@ def test_detector_attack_moves_every_window(masking_model, cifar10_test_dir):
     windows = detected.mask_predictions
     assert bool((windows[won] == detected.output[won, None]).all())
     per_image = attack_images(masking_model, cert, images, labels,
-                              replace(config, attack="per-image"))
+                              replace(config, attack="per-image", location="random"))
     baseline = certifier.detect(per_image.images)
 
     def agreement(detection):

@@ -105,8 +105,10 @@ def test_patches_localize_the_strongest_superficial_neurons(masking_model, cifar
 @pytest.mark.slow
 def test_sin_statistics_is_json_and_consistent(masking_model, cifar10_test_dir):
     images, labels = load_image_folder(cifar10_test_dir, per_class=1)
-    config = AttackConfig(patch_px=5, steps=4, restarts=1)
-    stats = sin_statistics(masking_model, MASKING, images, labels, config, alphas=(0.0, 4.0))
+    cert = CertConfig(patch_px=5, method="masking", masks_per_axis=3)
+    config = AttackConfig(patch_px=5, steps=4, restarts=1, location="random")
+    stats = sin_statistics(masking_model, cert, images, labels, config, alphas=(0.0, 4.0),
+                           count=20)
     assert json.loads(json.dumps(stats)) == stats
     assert stats["images"] == 10 and stats["attack"]["attack"] == "per-image"
     for side in ("benign", "patched"):

@@ -83,6 +83,8 @@ def side_rows(stats: dict[str, Any]) -> list[tuple[str, str, str]]:
          *(_mean_median(stats, side, "distance_spread", 2) for side in SIDES)),
         ("MeanShift clusters, mean / median",
          *(_mean_median(stats, side, "clusters", 2) for side in SIDES)),
+        ("share of the top neurons inside the patch's footprint (benign: the same box), "
+         "mean / median", *(_mean_median(stats, side, "in_patch_share", 3) for side in SIDES)),
         ("M's accuracy, densest SIN cluster occluded: before → after",
          *(_before_after(_get(stats, side, "occluded_accuracy", "densest_cluster"))
            for side in SIDES)),
