@@ -55,8 +55,9 @@ class AttackConfig:
     """How to attack: the patch side, the attack, and its optimisation budget.
 
     patch_px: side of the square patch (>= 1). attack: one of :data:`ATTACKS`.
-    steps: signed-gradient steps per restart (>= 1); restarts (>= 1): the restart with the
-        highest final objective wins per image (an image fooled with margin skips the rest).
+    steps: signed-gradient steps per restart (>= 1); restarts (>= 1): per image, the restart
+        that fools with margin, else the one with the highest final objective, wins (an image
+        fooled with margin skips the remaining restarts).
     step_size: the signed-gradient step on pixel values, in (0, 1].
     location: "worst" (per image, the positions of a grid every half patch, ranked by the
         objective of a noise patch there; restart r starts at the r-th best) or "random" (a
@@ -109,7 +110,8 @@ class AttackResult:
     images: torch.Tensor  # N x C x H x W attacked images in [0, 1]
     boxes: torch.Tensor  # N x 4 int64 (top, left, bottom, right), ends exclusive
     loss: torch.Tensor  # N float32, the objective at the end (higher: stronger attack)
-    steps: torch.Tensor  # N int64, optimisation steps spent (restarts and search included)
+    steps: torch.Tensor  # N int64, gradient steps spent, over all restarts (the "worst"
+    # location search runs forward passes only, which are not steps)
 
 
 # -- the attacked forward passes ------------------------------------------------------------
