@@ -19,6 +19,7 @@ from scalecert.sin_stats import (
     cluster_counts,
     common_bandwidth,
     distance_spread,
+    footprint_share,
     occluded_accuracy,
     sin_statistics,
     top_neuron_positions,
@@ -91,6 +92,11 @@ def test_patches_localize_the_strongest_superficial_neurons(masking_model, cifar
     patched_positions = top_neuron_positions(masking_model, None, attacked.images, count=20)
     benign, patched = distance_spread(benign_positions), distance_spread(patched_positions)
     assert float(patched.mean()) < 0.9 * float(benign.mean()), (patched, benign)
+    # at 200 neurons the spread no longer separates them, the share under the patch does
+    shares = {name: footprint_share(masking_model, None, data,
+                                    top_neuron_positions(masking_model, None, data), attacked.boxes)
+              for name, data in (("benign", images), ("patched", attacked.images))}
+    assert float(shares["patched"].mean()) > 3 * float(shares["benign"].mean()), shares
     bandwidth = common_bandwidth(benign_positions)
     benign_clusters = cluster_counts(benign_positions, bandwidth)
     patched_clusters = cluster_counts(patched_positions, bandwidth)
