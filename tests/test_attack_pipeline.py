@@ -16,7 +16,7 @@ import torch
 from click.testing import CliRunner
 from support import copy_class_subset
 
-import pipeline.run.attack_driver as attack_driver
+import pipeline.run.driver as driver
 from pipeline.cli import EXIT_AUDIT_FAILED, main
 from pipeline.run.attack_worker import AttackShardWorker
 from pipeline.run.worker import WorkerSettings
@@ -50,8 +50,8 @@ def serial_shards(monkeypatch):
             if on_shard is not None:
                 on_shard(summary)
 
-    monkeypatch.setattr(attack_driver, "execute", execute)
-    monkeypatch.setattr(attack_driver, "init_ray", lambda address: False)
+    monkeypatch.setattr(driver, "execute", execute)
+    monkeypatch.setattr(driver, "init_ray", lambda address: False)
     return made
 
 

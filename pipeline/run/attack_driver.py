@@ -12,32 +12,17 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from typing import Any, Callable
 
-import pyarrow as pa
-
 from pipeline.compute.batches import load_spread
-from pipeline.compute.cluster import init_ray
 from pipeline.compute.models import load_stored_model
 from pipeline.io import storage
 from pipeline.run.attack_config import AttackRun
 from pipeline.run.attack_worker import AttackSettings, AttackShardWorker, universal_key
-from pipeline.run.driver import Plan, collect, execute, make_plan, prepare_output
+from pipeline.run.driver import Plan, RunSummary, run_certification
 from pipeline.run.worker import ShardSummary
 from scalecert.attacks import train_universal_patch
 from scalecert.errors import InvalidOption
-
-
-@dataclass(frozen=True)
-class AttackSummary:
-    images: int
-    errors: int  # images whose rows have status "error"
-    shards: int
-    shards_skipped: int
-    images_run: int
-    wall_s: float
-    table: pa.Table  # every attack row (the audit reads them: pipeline.report.attacks)
 
 
 def universal_location(out: str, patch_px: int, method: str) -> str:
@@ -90,34 +75,18 @@ def run_attack(
     progress: Callable[[ShardSummary], None] | None = None,
     on_plan: Callable[[Plan, list[int]], None] | None = None,
     log: Callable[[str], None] = lambda line: None,
-) -> AttackSummary:
-    """Plan, check the output, train a universal patch if asked, attack the missing shards on
-    Ray and read every row back (the caller audits them)."""
-    import ray
+) -> RunSummary:
+    """The certify run's plan, output check and Ray pool with the attack worker; a universal
+    patch is trained (or read back) before any shard. The rows it returns are audited by the
+    caller (:mod:`pipeline.report.attacks`)."""
 
-    started = time.perf_counter()
-    run = attack_run.run
-    plan = make_plan(run, attack_run.options)
-    target = attack_run.options.target
-    if target is not None and target >= plan.num_classes:
-        raise InvalidOption(f"--target: class {target} is not among the model's "
-                            f"{plan.num_classes} classes (0 to {plan.num_classes - 1})")
-    todo = prepare_output(plan)
-    if on_plan is not None:
-        on_plan(plan, todo)
-    if todo:
+    def worker(plan: Plan) -> tuple[type, tuple]:
+        target = attack_run.options.target
+        if target is not None and target >= plan.num_classes:
+            raise InvalidOption(f"--target: class {target} is not among the model's "
+                                f"{plan.num_classes} classes (0 to {plan.num_classes - 1})")
         settings = AttackSettings(attack_run.options, universal_patches(plan, log))
-        owned = init_ray(run.address)
-        try:
-            execute(plan, todo, progress, worker=(AttackShardWorker, (settings,)))
-        finally:
-            if owned:
-                ray.shutdown()
-    table = collect(plan)
-    errors = sum(1 for status in table.column("status").to_pylist() if status == "error")
-    per_image = len(plan.patch_pixels) * len(run.methods)
-    return AttackSummary(
-        images=len(plan.records), errors=errors // per_image, shards=len(plan.shards),
-        shards_skipped=len(plan.shards) - len(todo),
-        images_run=sum(plan.shards[i][1] - plan.shards[i][0] for i in todo),
-        wall_s=time.perf_counter() - started, table=table)
+        return AttackShardWorker, (settings,)
+
+    return run_certification(attack_run.run, progress, on_plan, attack=attack_run.options,
+                             worker=worker)

@@ -287,19 +287,24 @@ def execute(
 def run_certification(
     run: RunConfig, progress: Callable[[ShardSummary], None] | None = None,
     on_plan: Callable[[Plan, list[int]], None] | None = None,
+    attack: AttackOptions | None = None,
+    worker: Callable[[Plan], tuple[type, tuple]] | None = None,
 ) -> RunSummary:
-    """Plan, check the output, run the missing shards on Ray and summarise."""
+    """Plan, check the output, run the missing shards on Ray and summarise. ``attack`` and
+    ``worker`` (the actor class and its extra arguments, made from the plan before any shard
+    runs): another job on the same plan (``scalecert attack``); default: certify."""
     import ray
 
     started = time.perf_counter()
-    plan = make_plan(run)
+    plan = make_plan(run, attack)
     todo = prepare_output(plan)
     if on_plan is not None:
         on_plan(plan, todo)
     if todo:
+        actors = (ShardWorker, ()) if worker is None else worker(plan)
         owned = init_ray(run.address)
         try:
-            execute(plan, todo, progress)
+            execute(plan, todo, progress, worker=actors)
         finally:
             if owned:
                 ray.shutdown()
