@@ -147,10 +147,7 @@ def _run_and_report(run: Any, quiet: bool) -> None:
         raise click.ClickException(str(exc)) from None
     finally:
         progress.close()
-    click.echo(f"run {run.out}: {summary.images} images in {summary.shards} shards "
-               f"({summary.shards_skipped} already done), {summary.errors} errors, "
-               f"{summary.wall_s:.1f} s"
-               + (f", {summary.images_per_s:.1f} images/s" if summary.images_run else ""))
+    _echo_summary(run.out, summary)
     for (patch_px, method), accuracy in summary.certified_accuracy().items():
         click.echo(f"  certified accuracy {method:<10} {patch_px:>3} px: {100 * accuracy:5.1f}%")
 
@@ -203,10 +200,16 @@ def attack_command(config_path: str | None, quiet: bool, **options: Any) -> None
         raise click.ClickException(str(exc)) from None
     finally:
         progress.close()
-    click.echo(f"run {run.out}: {summary.images} images in {summary.shards} shards "
-               f"({summary.shards_skipped} already done), {summary.errors} errors, "
-               f"{summary.wall_s:.1f} s")
+    _echo_summary(run.out, summary)
     _attack_report(run.out, None, storage.S3Options(endpoint=run.s3_endpoint))
+
+
+def _echo_summary(out: str, summary: Any) -> None:
+    """The run line of a certify or attack run's :class:`~pipeline.run.driver.RunSummary`."""
+    click.echo(f"run {out}: {summary.images} images in {summary.shards} shards "
+               f"({summary.shards_skipped} already done), {summary.errors} errors, "
+               f"{summary.wall_s:.1f} s"
+               + (f", {summary.images_per_s:.1f} images/s" if summary.images_run else ""))
 
 
 def _attack_report(run: str, out_dir: str | None, s3: Any) -> None:
