@@ -3,7 +3,7 @@ pipeline, for scalecert and the masking baseline, in one run on the same images 
 
 CIFAR ResNet-20, 5 px patches (2.4%), 6 x 6 masks, SIN top-k 0.15, on the first ``--images / 10``
 CIFAR-10 test JPEGs of each class (a class-folder subset on disk). Each method certifies the
-model fine-tuned for it (``models/cifar10-resnet20-<method>-2.4.pt``, see ``models/README.md``):
+model fine-tuned for it (its recommended checkpoint in ``models/best.json``, see ``models/README.md``):
 how much work avoidance saves depends on how many images certify, so an undefended model would
 misstate it. g runs as the pipeline runs it on a CPU, BatchNorm folded (``--no-fuse-bn``: not).
 
@@ -64,6 +64,7 @@ from common import REPO, cifar10_folder, class_subset  # noqa: E402
 
 from pipeline.compute.batches import load_image_folder  # noqa: E402
 from pipeline.compute.cluster import cpu_threads, init_ray  # noqa: E402
+from pipeline.io.recommended import read_recommendations  # noqa: E402
 from pipeline.run.config import RunConfig  # noqa: E402
 from pipeline.run.driver import run_certification  # noqa: E402
 from pipeline.run.worker import ShardSummary  # noqa: E402
@@ -290,11 +291,12 @@ def main() -> None:
                         "on a CPU small batches can beat large ones, caches)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="torch threads of the library runs (default: every core)")
+    recommended = read_recommendations()
     for method in METHODS:
         parser.add_argument(f"--{method}-checkpoint", type=Path,
-                            default=REPO / "models" / f"cifar10-resnet20-{method}-2.4.pt",
+                            default=recommended[method].path(),
                             help=f"cifar_resnet20 weights certified with {method} (default: "
-                                 f"the committed checkpoint fine-tuned for {method})")
+                                 f"its recommended checkpoint, models/best.json)")
     parser.add_argument("--data", type=Path,
                         help="class-folder image set (default: the shared CIFAR-10 test JPEGs)")
     parser.add_argument("--shard-size", type=int, default=256, help="images per pipeline shard")

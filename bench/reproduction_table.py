@@ -84,18 +84,19 @@ def main_table(work: Path, seconds: dict[str, int]) -> list[str]:
     return lines
 
 
-def budget_row(work: Path, certify_dir: str, finetune_dir: str, label: str) -> str | None:
+def budget_row(work: Path, certify_dir: str, finetune_dir: str, label: str,
+               method: str = "scalecert") -> str | None:
     """A row of the sweep or ablation table: one fine-tune certified at 2.4%."""
     report = read_json(work / certify_dir / "report.json")
-    sidecar = read_json(work / finetune_dir / f"{MODEL}-scalecert.pt.json")
-    if report is None or sidecar is None or (g := group(report, "scalecert", 5)) is None:
+    sidecar = read_json(work / finetune_dir / f"{MODEL}-{method}.pt.json")
+    if report is None or sidecar is None or (g := group(report, method, 5)) is None:
         return None
     return (f"| {label} | {pct(g['clean_accuracy'])} | {pct(g['certified_accuracy'])} | "
             f"{100 * g['pruned_accuracy']['value']:.1f} | {g['masks']['evaluated_mean']:.1f} | "
             f"{len(sidecar['epochs'])} epochs, {train_minutes(sidecar):.0f} min |")
 
 
-def budget_table(work: Path, rows: list[tuple[str, str, str]]) -> list[str]:
+def budget_table(work: Path, rows: list[tuple[str, ...]]) -> list[str]:
     lines = [budget_row(work, *row) for row in rows]
     found = [line for line in lines if line is not None]
     if not found:
@@ -104,8 +105,12 @@ def budget_table(work: Path, rows: list[tuple[str, str, str]]) -> list[str]:
             "masks run / image | fine-tune |", "|---|---|---|---|---|---|", *found]
 
 
-SWEEP = tuple((f"sweep-certify-k{k}", f"sweep-finetune-k{k}", f"top-k {float(k):.0%}")
-              for k in ("0.10", "0.15", "0.20"))
+SWEEP = (*((f"sweep-certify-k{k}", f"sweep-finetune-k{k}", f"scalecert top-k {float(k):.0%}")
+           for k in ("0.10", "0.15", "0.20", "0.30", "0.50", "1.0")),
+         ("sweep-certify-masking", "sweep-finetune-masking", "masking (same budget)", "masking"))
+# the recommended checkpoints (models/best.json): a worst-window epoch on each method's fine-tune
+WORST_WINDOW = tuple((f"certify-ww-{m}", f"finetune-ww-{m}", f"{m} + 1 worst-window epoch", m)
+                     for m in ("scalecert", "masking"))
 ABLATIONS = (
     ("sweep-certify-k0.15", "sweep-finetune-k0.15",
      "reference: top-k 15%, layer relu, windows in half the steps"),
@@ -124,7 +129,9 @@ def main() -> None:
     print(f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}, "
           f"{os.cpu_count()} cores; test set: 10,000 CIFAR-10 JPEGs\n")
     print("\n".join(main_table(args.work, seconds)))
-    print("\nTop-k sweep (scalecert, fine-tuned at each k with the sweep budget):\n")
+    print("\nRecommended checkpoints (models/best.json), certified at 2.4%:\n")
+    print("\n".join(budget_table(args.work, list(WORST_WINDOW))))
+    print("\nTop-k sweep (fine-tuned at each k with the sweep budget):\n")
     print("\n".join(budget_table(args.work, list(SWEEP))))
     print("\nAblations (scalecert, sweep budget, top-k 15%):\n")
     print("\n".join(budget_table(args.work, list(ABLATIONS))))

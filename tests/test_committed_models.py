@@ -1,47 +1,82 @@
-"""The fine-tuned checkpoints committed under models/ are the ones docs/REPRODUCTION.md
-describes: their sha256 is the documented one, they load for certify, and on 500 of the
-test JPEGs they certify at a rate consistent with the full-test-set figure of the table."""
+"""The fine-tuned checkpoints committed under models/ are the ones the docs describe: every file's
+sha256 is the one models/README.md (and, for the recommended ones, models/best.json) records,
+and each recommended checkpoint, certified with the settings best.json gives it, certifies 500
+of the test JPEGs at a rate consistent with its full-test-set figure."""
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from pipeline.compute.batches import load_image_folder
+from pipeline.io.recommended import BEST, Recommendation, read_recommendations
 from scalecert import CertConfig, Certifier, load_model
+from scalecert.errors import InvalidOption
 from scalecert.models.registry import file_sha256
 
-pytestmark = pytest.mark.slow
-
 MODELS = Path(__file__).resolve().parents[1] / "models"
-# (file, method, sha256, certified accuracy at 2.4% on all 10,000 test JPEGs, docs/REPRODUCTION.md)
-COMMITTED = [
-    ("cifar10-resnet20-scalecert-2.4.pt", "scalecert",
-     "ba9ef3cb48ef55bd1d4a4776987288ea78bc594cfce3883a2f38c6dfb14cbfb9", 0.449),
-    ("cifar10-resnet20-masking-2.4.pt", "masking",
-     "6c8439a5c6632e7333a4849e35682b3f429110c54aeb6cacb6752706a8ed30fc", 0.617),
-]
+RECOMMENDED = read_recommendations()
 
 
-@pytest.mark.parametrize(("name", "method", "sha256", "full_set_rate"), COMMITTED)
-def test_committed_checkpoint_matches_the_documented_run(
-    cifar10_test_dir, name, method, sha256, full_set_rate
-):
-    path = MODELS / name
-    assert file_sha256(path) == sha256
-    assert sha256 in (MODELS / "README.md").read_text()
-    sidecar = json.loads(Path(f"{path}.json").read_text())
-    assert sidecar["method"] == method and sidecar["finetune"]["cert"]["patch_px"] == 5
-    assert sidecar["data"]["usable"] == 50000 and len(sidecar["epochs"]) == 16
+def test_every_committed_checkpoint_is_documented_with_its_sha256() -> None:
+    readme = (MODELS / "README.md").read_text()
+    checkpoints = sorted(MODELS.glob("*.pt"))
+    assert len(checkpoints) >= 4
+    for path in checkpoints:
+        digest = file_sha256(path)
+        assert f"`{path.name}` | `{digest}`" in readme, f"{path.name}: sha256 {digest} not in README"
+        sidecar = json.loads(Path(f"{path}.json").read_text())
+        assert sidecar["finetune"]["cert"]["patch_px"] == 5 and sidecar["data"]["usable"] == 50000
 
+
+def test_best_json_names_a_committed_checkpoint_per_method_with_its_sha256() -> None:
+    assert set(RECOMMENDED) == {"scalecert", "masking"}
+    for method, best in RECOMMENDED.items():
+        best.verify()  # the file exists and its sha256 is the recorded one
+        assert file_sha256(best.path()) == best.sha256
+        sidecar = json.loads(Path(f"{best.path()}.json").read_text())
+        assert sidecar["method"] == method and sidecar["model"] == best.model
+        trained = sidecar["finetune"]["cert"]
+        assert all(trained[name] == value for name, value in best.cert.items()
+                   if name in ("top_k", "layer", "r")), (method, trained, best.cert)
+        CertConfig(patch_px=5, **best.cert_options())  # valid settings
+
+
+def test_a_changed_checkpoint_or_a_bad_entry_is_refused(tmp_path: Path) -> None:
+    best = RECOMMENDED["masking"]
+    (tmp_path / "models").mkdir()
+    copy = tmp_path / best.checkpoint
+    copy.write_bytes(best.path().read_bytes() + b"\0")
+    with pytest.raises(InvalidOption, match="has sha256 .* the file records"):
+        best.verify(tmp_path)
+    with pytest.raises(InvalidOption, match="not found"):
+        replace(best, checkpoint="models/absent.pt").verify(tmp_path)
+    document = json.loads(BEST.read_text())
+    document["methods"]["masking"]["cert"]["topk"] = 0.2
+    bad = tmp_path / "best.json"
+    bad.write_text(json.dumps(document))
+    with pytest.raises(InvalidOption, match=r"masking: cert has unknown fields \['topk'\]"):
+        read_recommendations(bad)
+    del document["methods"]["masking"]["cert"]["topk"]
+    document["methods"]["scalecert"]["sha256"] = "abc"
+    bad.write_text(json.dumps(document))
+    with pytest.raises(InvalidOption, match="scalecert: sha256 must be 64"):
+        read_recommendations(bad)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(RECOMMENDED))
+def test_recommended_checkpoint_certifies_as_documented(cifar10_test_dir, method: str) -> None:
+    best: Recommendation = RECOMMENDED[method]
     images, labels = load_image_folder(cifar10_test_dir, per_class=50)
-    model = load_model("cifar_resnet20", checkpoint=path)
-    result = Certifier(model, CertConfig(patch_px=5, top_k=0.15, method=method),
+    model = load_model(best.model, checkpoint=best.path())
+    result = Certifier(model, CertConfig(patch_px=5, **best.cert_options()),
                        full_map=False).certify(images, labels)
     rate = float(result.certified.float().mean())
     # a 500-image part of the 10,000: within 4 standard errors of the full-set rate
-    tolerance = 4 * math.sqrt(full_set_rate * (1 - full_set_rate) / len(labels))
-    assert abs(rate - full_set_rate) < tolerance, (rate, full_set_rate)
+    tolerance = 4 * math.sqrt(best.certified * (1 - best.certified) / len(labels))
+    assert abs(rate - best.certified) < tolerance, (rate, best.certified)

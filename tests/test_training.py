@@ -1,6 +1,7 @@
-"""``scalecert finetune`` on Ray Train: two DDP workers, checkpoints each epoch, resume after an
-interruption (to the same weights as an uninterrupted run), refusals, S3 data and the masking
-control through the command line. Real Ray (local), real CIFAR-10 JPEGs, real weights."""
+"""``scalecert finetune`` on Ray Train: two DDP workers, from and to S3, checkpoints each epoch,
+resume after an interruption (to the same weights as an uninterrupted run), refusals, through
+the command line and the library. Real Ray (local), real CIFAR-10 JPEGs, real weights, a real
+S3 endpoint (moto)."""
 
 from __future__ import annotations
 
@@ -48,55 +49,72 @@ def tiny_sets(cifar10_test_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     return train, held_out
 
 
-def _run(train: Path, held_out: Path, checkpoint: Path, out: Path, **changes) -> FinetuneRun:
-    run = FinetuneRun(data=str(train), model="cifar_resnet20", out=str(out), patch="2.4%",
-                      checkpoint=str(checkpoint), epochs=2, batch_size=16, lr=0.02, workers=2,
-                      eval_data=str(held_out))
-    return replace(run, **changes)
-
-
 def _state(path: str) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def test_two_workers_train_checkpoint_each_epoch_and_resume_to_the_same_weights(
-    tiny_sets, resnet20_checkpoint, tmp_path, monkeypatch
+def test_two_workers_train_from_s3_checkpoint_each_epoch_and_resume_to_the_same_weights(
+    s3_env, s3_server, tiny_sets, resnet20_checkpoint, tmp_path, monkeypatch
 ):
+    """The masking control with the worst-window objective, data and output on S3: one run
+    straight through the command line, one interrupted after epoch 1 and rerun through the
+    library; both end with the same weights."""
     import ray
 
     train, held_out = tiny_sets
-    straight = _run(train, held_out, resnet20_checkpoint, tmp_path / "straight")
-    events: list[tuple] = []
-    summary = run_finetune(straight, on_event=events.append)
+    client = boto3.client("s3", endpoint_url=s3_server.endpoint, region_name="us-east-1")
+    for path in sorted(train.rglob("*.jpg")):
+        client.put_object(Bucket=s3_env, Key=f"train/{path.relative_to(train)}",
+                          Body=path.read_bytes())
+    data, out = f"s3://{s3_env}/train", f"s3://{s3_env}/runs/straight"
+    args = ["finetune", "--quiet", "--data", data, "--model", "cifar_resnet20", "--checkpoint",
+            str(resnet20_checkpoint), "--out", out, "--patch", "2.4%", "--method", "masking",
+            "--objective", "worst-window", "--epochs", "2", "--batch-size", "16", "--lr", "0.02",
+            "--workers", "2", "--eval-data", str(held_out), "--s3-endpoint", s3_server.endpoint]
+    straight = FinetuneRun(data=data, model="cifar_resnet20", out=out, patch="2.4%",
+                           checkpoint=str(resnet20_checkpoint), method="masking",
+                           objective="worst-window", epochs=2, batch_size=16, lr=0.02,
+                           workers=2, eval_data=str(held_out), s3_endpoint=s3_server.endpoint)
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert "epoch 1: loss" in result.output and "epoch 2: loss" in result.output
+    assert "(1 skipped)" in result.output
     assert not ray.is_initialized()  # the run shut down the Ray it started
 
-    # the final checkpoint loads as a model for certify; the sidecar says how it was made
-    assert summary.checkpoint == final_checkpoint_location(straight)
-    assert summary.sha256 == file_sha256(summary.checkpoint)
-    model = load_model("cifar_resnet20", summary.checkpoint)
+    # on S3: the manifest, a Ray Train checkpoint per epoch, the weights and their sidecar
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket=s3_env, Prefix="runs/")["Contents"]}
+    assert {"runs/straight/finetune.json", "runs/straight/cifar_resnet20-masking.pt",
+            "runs/straight/cifar_resnet20-masking.pt.json"} <= keys
+    assert any(k.startswith("runs/straight/ray-train/") and k.endswith("state.pt") for k in keys)
+    weights = tmp_path / "straight.pt"
+    weights.write_bytes(client.get_object(
+        Bucket=s3_env, Key="runs/straight/cifar_resnet20-masking.pt")["Body"].read())
+    model = load_model("cifar_resnet20", weights)  # loads as a model for certify
     start = load_model("cifar_resnet20", resnet20_checkpoint)
     assert not torch.equal(model.conv1.weight, start.conv1.weight)  # it did train
-    sidecar = json.loads(Path(summary.checkpoint + ".json").read_text())
+    sidecar = json.loads(client.get_object(
+        Bucket=s3_env, Key="runs/straight/cifar_resnet20-masking.pt.json")["Body"].read())
+    assert sidecar["method"] == "masking" and sidecar["finetune"]["cert"]["method"] == "masking"
+    assert sidecar["finetune"]["objective"] == "worst-window"  # the objective ran on Ray Train
     assert sidecar["finetune"]["cert"]["patch_px"] == 5 and sidecar["finetune"]["epochs"] == 2
     assert sidecar["workers"] == 2 and sidecar["device"] == "cpu"
-    assert sidecar["made_by"].startswith("scalecert finetune --data ")
+    assert sidecar["made_by"] == straight.command_line()
+    assert sidecar["data"]["source"] == data
     assert sidecar["data"]["listed"] == 61 and sidecar["data"]["usable"] == 60
     assert list(sidecar["data"]["skipped"]) == ["cat/zz-corrupt.jpg"]
-    dataset = open_dataset(str(train))
-    digests = load_slice(dataset.records, Preprocess.for_input_size(32), S3Options(), 10, 2).digests
+    s3 = S3Options(endpoint=s3_server.endpoint)
+    dataset = open_dataset(data, s3)
+    digests = load_slice(dataset.records, Preprocess.for_input_size(32), s3, 10, 2).digests
     assert sidecar["data"]["fingerprint"] == data_fingerprint(dataset.records, digests)
     assert [m["epoch"] for m in sidecar["epochs"]] == [1, 2]
     for metrics in sidecar["epochs"]:
         assert metrics["images"] == 60 and metrics["eval_images"] == 30
         assert 0.0 <= metrics["eval_certified"] <= metrics["eval_accuracy"] <= 1.0
     assert sidecar["epochs"][1]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine ran to the end
-    steps = [e for e in events if e[0] == "step"]
-    assert steps[-1] == ("step", 2, 4, 4)  # 30 images per worker, 8 per step
-    assert [e[1]["epoch"] for e in events if e[0] == "epoch"] == [1, 2]
 
-    # interrupted after epoch 1, then the same command again: resumes at epoch 2. Both runs
-    # join a Ray that is already up (one start for the two) and leave it running.
-    interrupted = _run(train, held_out, resnet20_checkpoint, tmp_path / "interrupted")
+    # interrupted after epoch 1, then the same run again: resumes at epoch 2. Both runs join a
+    # Ray that is already up (one start for the two) and leave it running.
+    interrupted = replace(straight, out=f"s3://{s3_env}/runs/interrupted")
     temp_dir = short_temp_dir("tr")
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
              log_to_driver=False, _temp_dir=str(temp_dir))
@@ -104,68 +122,43 @@ def test_two_workers_train_checkpoint_each_epoch_and_resume_to_the_same_weights(
         monkeypatch.setenv("SCALECERT_TEST_FAIL_AFTER_EPOCH", "1")
         with pytest.raises(RunFailed, match="training failed"):
             run_finetune(interrupted)
-        assert not Path(final_checkpoint_location(interrupted)).exists()
-        assert (tmp_path / "interrupted" / "finetune.json").exists()
+        assert client.list_objects_v2(Bucket=s3_env, Prefix="runs/interrupted/finetune.json")[
+            "KeyCount"] == 1
+        assert client.list_objects_v2(Bucket=s3_env, Prefix=final_checkpoint_location(
+            interrupted).removeprefix(f"s3://{s3_env}/"))["KeyCount"] == 0
         monkeypatch.delenv("SCALECERT_TEST_FAIL_AFTER_EPOCH")
-        resumed_events: list[tuple] = []
-        resumed = run_finetune(interrupted, on_event=resumed_events.append)
+        events: list[tuple] = []
+        resumed = run_finetune(interrupted, on_event=events.append)
         assert ray.is_initialized()  # a Ray it did not start stays up
     finally:
         ray.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)
-    assert [e[1]["epoch"] for e in resumed_events if e[0] == "epoch"] == [2]
-    assert {e[1] for e in resumed_events if e[0] == "step"} == {2}
+    assert [e[1]["epoch"] for e in events if e[0] == "epoch"] == [2]
+    steps = [e for e in events if e[0] == "step"]
+    assert {e[1] for e in steps} == {2} and steps[-1] == ("step", 2, 4, 4)  # 30 per worker, 8 a step
     assert [m["epoch"] for m in resumed.epochs] == [1, 2]
+
     def timeless(metrics: dict) -> dict:
         return {k: v for k, v in metrics.items() if k != "seconds"}
 
     assert timeless(resumed.epochs[0]) == timeless(sidecar["epochs"][0])
-    a, b = _state(summary.checkpoint), _state(resumed.checkpoint)
+    resumed_weights = tmp_path / "resumed.pt"
+    resumed_weights.write_bytes(client.get_object(
+        Bucket=s3_env, Key=resumed.checkpoint.removeprefix(f"s3://{s3_env}/"))["Body"].read())
+    assert resumed.checkpoint == final_checkpoint_location(interrupted)
+    assert resumed.sha256 == file_sha256(resumed_weights)
+    a, b = _state(str(weights)), _state(str(resumed_weights))
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from a straight run"
 
     # the same command once more: nothing to do, no Ray; other options on that folder: refused
-    again = run_finetune(straight)
-    assert again.already_done and again.sha256 == summary.sha256
-    with pytest.raises(FinetuneRefused, match="another fine-tuning run"):
-        run_finetune(replace(straight, lr=0.05))
-    assert not ray.is_initialized()
-
-
-def test_cli_finetunes_the_masking_control_from_and_to_s3_for_the_worst_window(
-    s3_env, s3_server, tiny_sets, resnet20_checkpoint, tmp_path
-):
-    train, _ = tiny_sets
-    client = boto3.client("s3", endpoint_url=s3_server.endpoint, region_name="us-east-1")
-    for path in sorted(train.rglob("*.jpg")):
-        client.put_object(Bucket=s3_env, Key=f"train/{path.relative_to(train)}",
-                          Body=path.read_bytes())
-    args = ["finetune", "--quiet", "--data", f"s3://{s3_env}/train", "--model", "cifar_resnet20",
-            "--checkpoint", str(resnet20_checkpoint), "--out", f"s3://{s3_env}/runs/masking",
-            "--patch", "2", "--method", "masking", "--epochs", "1", "--batch-size", "20",
-            "--workers", "1", "--s3-endpoint", s3_server.endpoint, "--objective", "worst-window"]
-    result = CliRunner().invoke(main, args)
-    assert result.exit_code == 0, result.output + repr(result.exception)
-    assert "epoch 1: loss" in result.output and "(1 skipped)" in result.output
-    keys = {o["Key"] for o in client.list_objects_v2(Bucket=s3_env, Prefix="runs/")["Contents"]}
-    assert {"runs/masking/finetune.json", "runs/masking/cifar_resnet20-masking.pt",
-            "runs/masking/cifar_resnet20-masking.pt.json"} <= keys
-    assert any(k.startswith("runs/masking/ray-train/") and k.endswith("state.pt") for k in keys)
-    body = client.get_object(Bucket=s3_env, Key="runs/masking/cifar_resnet20-masking.pt.json")
-    sidecar = json.loads(body["Body"].read())
-    assert sidecar["method"] == "masking" and sidecar["finetune"]["cert"]["method"] == "masking"
-    assert sidecar["finetune"]["objective"] == "worst-window"  # the objective ran on Ray Train
-    assert sidecar["data"]["source"] == f"s3://{s3_env}/train"
-    assert sidecar["data"]["usable"] == 60 and "eval_accuracy" not in sidecar["epochs"][0]
-    weights = tmp_path / "masking.pt"
-    weights.write_bytes(client.get_object(
-        Bucket=s3_env, Key="runs/masking/cifar_resnet20-masking.pt")["Body"].read())
-    trained, start = _state(str(weights)), load_model("cifar_resnet20", resnet20_checkpoint)
-    assert not torch.equal(trained["linear.weight"], start.linear.weight)
-
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 0, again.output + repr(again.exception)
     assert "already done" in again.output
+    assert run_finetune(straight).already_done
+    with pytest.raises(FinetuneRefused, match="another fine-tuning run"):
+        run_finetune(replace(straight, lr=0.05))
+    assert not ray.is_initialized()
 
 
 @pytest.mark.parametrize("changes, message", [
