@@ -50,6 +50,11 @@ def train_minutes(sidecar: dict[str, Any]) -> float:
     return sum(epoch["seconds"] for epoch in sidecar["epochs"]) / 60
 
 
+def epochs(sidecar: dict[str, Any]) -> str:
+    count = len(sidecar["epochs"])
+    return f"{count} epoch{'' if count == 1 else 's'}"
+
+
 def group(report: dict[str, Any], method: str, patch_px: int) -> dict[str, Any] | None:
     return next((g for g in report["groups"]
                  if g["method"] == method and g["patch_px"] == patch_px), None)
@@ -65,7 +70,7 @@ def main_table(work: Path, seconds: dict[str, int]) -> list[str]:
         if report is None or sidecar is None:
             lines.append(f"| {method} | measured | – | not run yet | | | | | |")
             continue
-        training = (f"{len(sidecar['epochs'])} epochs, {train_minutes(sidecar):.0f} min, "
+        training = (f"{epochs(sidecar)}, {train_minutes(sidecar):.0f} min, "
                     f"{sidecar['workers']} workers")
         wall = seconds.get(f"certify certify-{method}")
         for px, share in PATCHES:
@@ -93,7 +98,7 @@ def budget_row(work: Path, certify_dir: str, finetune_dir: str, label: str,
         return None
     return (f"| {label} | {pct(g['clean_accuracy'])} | {pct(g['certified_accuracy'])} | "
             f"{100 * g['pruned_accuracy']['value']:.1f} | {g['masks']['evaluated_mean']:.1f} | "
-            f"{len(sidecar['epochs'])} epochs, {train_minutes(sidecar):.0f} min |")
+            f"{epochs(sidecar)}, {train_minutes(sidecar):.0f} min |")
 
 
 def budget_table(work: Path, rows: list[tuple[str, ...]]) -> list[str]:
