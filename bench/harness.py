@@ -1,7 +1,8 @@
 """Performance harness: certification against the limit set by g, through the library and the
 pipeline, for scalecert and the masking baseline, in one run on the same images and machine.
 
-CIFAR ResNet-20, 5 px patches (2.4%), 6 x 6 masks, SIN top-k 0.15, on the first ``--images / 10``
+CIFAR ResNet-20, 5 px patches (2.4%), 6 x 6 masks, SIN top-k of ``--top-k`` (default: the
+recommended scalecert checkpoint's), on the first ``--images / 10``
 CIFAR-10 test JPEGs of each class (a class-folder subset on disk). Each method certifies the
 model fine-tuned for it (its recommended checkpoint in ``models/best.json``, see ``models/README.md``):
 how much work avoidance saves depends on how many images certify, so an undefended model would
@@ -297,6 +298,9 @@ def main() -> None:
                             default=recommended[method].path(),
                             help=f"cifar_resnet20 weights certified with {method} (default: "
                                  f"its recommended checkpoint, models/best.json)")
+    parser.add_argument("--top-k", type=float, default=recommended["scalecert"].cert["top_k"],
+                        help="SIN top-k of scalecert (default: the one its recommended "
+                             "checkpoint is certified with)")
     parser.add_argument("--data", type=Path,
                         help="class-folder image set (default: the shared CIFAR-10 test JPEGs)")
     parser.add_argument("--shard-size", type=int, default=256, help="images per pipeline shard")
@@ -322,7 +326,7 @@ def main() -> None:
     data = (cifar10_folder("test", per_class) if args.data is None
             else class_subset(args.data, per_class))
     images, labels = load_image_folder(data)
-    setup = Setup(images=len(images), patch_px=5, top_k=0.15, masks_per_axis=6,
+    setup = Setup(images=len(images), patch_px=5, top_k=args.top_k, masks_per_axis=6,
                   batch_size=args.batch_size, threads=args.threads, cores=os.cpu_count() or 1,
                   fuse_bn=not args.no_fuse_bn,
                   checkpoints={method: str(getattr(args, f"{method}_checkpoint").resolve())
