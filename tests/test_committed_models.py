@@ -56,13 +56,13 @@ def test_a_changed_checkpoint_or_a_bad_entry_is_refused(tmp_path: Path) -> None:
     with pytest.raises(InvalidOption, match="not found"):
         replace(best, checkpoint="models/absent.pt").verify(tmp_path)
     document = json.loads(BEST.read_text())
-    document["methods"]["masking"]["cert"]["topk"] = 0.2
+    document["masking"]["topk"] = 0.2
     bad = tmp_path / "best.json"
     bad.write_text(json.dumps(document))
-    with pytest.raises(InvalidOption, match=r"masking: cert has unknown fields \['topk'\]"):
+    with pytest.raises(InvalidOption, match=r"masking: unknown fields \['topk'\]"):
         read_recommendations(bad)
-    del document["methods"]["masking"]["cert"]["topk"]
-    document["methods"]["scalecert"]["sha256"] = "abc"
+    del document["masking"]["topk"]
+    document["scalecert"]["sha256"] = "abc"
     bad.write_text(json.dumps(document))
     with pytest.raises(InvalidOption, match="scalecert: sha256 must be 64"):
         read_recommendations(bad)

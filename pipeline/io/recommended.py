@@ -17,12 +17,12 @@ from typing import Any
 
 from scalecert.errors import InvalidOption
 
-SCHEMA = "scalecert-best/1"
 REPO = Path(__file__).resolve().parents[2]
 BEST = REPO / "models" / "best.json"
 # CertConfig fields a recommendation fixes (the rest keep CertConfig's defaults)
 CERT_FIELDS = ("top_k", "layer", "masks_per_axis", "mask_stride", "r", "vote",
                "alert_confidence")
+ENTRY_FIELDS = ("checkpoint", "sha256", "model", "patch", "certified", "made_by")
 
 
 @dataclass(frozen=True)
@@ -73,25 +73,25 @@ def _field(entry: dict[str, Any], name: str, kind: type | tuple[type, ...], wher
 
 
 def read_recommendations(path: Path = BEST) -> dict[str, Recommendation]:
-    """method -> its recommendation, every field checked (the file is hand-edited)."""
+    """method -> its recommendation, every field checked (the file is hand-edited).
+
+    The file maps each method to one flat object: ``checkpoint``, ``sha256``, ``model``,
+    ``patch``, the ``CERT_FIELDS``, ``certified`` and ``made_by``.
+    """
     try:
         document = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise InvalidOption(f"{path}: not readable as JSON ({error})") from error
-    if not isinstance(document, dict) or document.get("schema") != SCHEMA:
-        raise InvalidOption(f"{path}: expected schema {SCHEMA!r}")
-    methods = document.get("methods")
-    if not isinstance(methods, dict) or not methods:
-        raise InvalidOption(f"{path}: expected a non-empty 'methods' object")
+    if not isinstance(document, dict) or not document:
+        raise InvalidOption(f"{path}: expected an object of methods")
     found = {}
-    for method, entry in methods.items():
+    for method, entry in document.items():
         where = f"{path.name}: {method}"
         if not isinstance(entry, dict):
             raise InvalidOption(f"{where}: expected an object")
-        cert = _field(entry, "cert", dict, where)
-        unknown = sorted(set(cert) - set(CERT_FIELDS))
+        unknown = sorted(set(entry) - set(ENTRY_FIELDS) - set(CERT_FIELDS))
         if unknown:
-            raise InvalidOption(f"{where}: cert has unknown fields {unknown}")
+            raise InvalidOption(f"{where}: unknown fields {unknown}")
         sha256 = _field(entry, "sha256", str, where)
         if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
             raise InvalidOption(f"{where}: sha256 must be 64 lower-case hex digits")
@@ -101,5 +101,6 @@ def read_recommendations(path: Path = BEST) -> dict[str, Recommendation]:
         found[method] = Recommendation(
             method=method, checkpoint=_field(entry, "checkpoint", str, where), sha256=sha256,
             model=_field(entry, "model", str, where), patch=_field(entry, "patch", str, where),
-            cert=dict(cert), certified=certified, made_by=_field(entry, "made_by", str, where))
+            cert={name: entry[name] for name in CERT_FIELDS if name in entry},
+            certified=certified, made_by=_field(entry, "made_by", str, where))
     return found
