@@ -17,21 +17,24 @@ from pipeline.run.config import RunConfig
 from scalecert.attacks import ATTACK_MODELS, ATTACKS, AttackConfig
 
 
+_LIBRARY = AttackConfig(patch_px=1)  # the library's defaults are the command's
+
+
 @dataclass(frozen=True)
 class AttackOptions:
     """How each image is attacked (see ``scalecert attack --help``); ``universal_*``: the
     training split and budget of the universal patch (``--attack universal`` only)."""
 
-    attack: str = "per-image"
+    attack: str = _LIBRARY.attack
     attack_model: str = "defended"
-    steps: int = 40
-    restarts: int = 2
-    step_size: float = 1 / 16
-    location: str = "worst"
-    eot: int = 1
-    alpha: float = 1.0
-    target: int | None = None
-    seed: int = 0
+    steps: int = _LIBRARY.steps
+    restarts: int = _LIBRARY.restarts
+    step_size: float = _LIBRARY.step_size
+    location: str = _LIBRARY.location
+    eot: int = _LIBRARY.eot
+    alpha: float = _LIBRARY.alpha
+    target: int | None = _LIBRARY.target
+    seed: int = _LIBRARY.seed
     universal_data: str | None = None
     universal_images: int = 1000
     universal_epochs: int = 2
@@ -53,10 +56,9 @@ class AttackOptions:
 
     def attack_config(self, patch_px: int) -> AttackConfig:
         """The library's configuration for patches of ``patch_px``."""
-        return as_flag_errors(lambda: AttackConfig(
-            patch_px=patch_px, attack=self.attack, steps=self.steps, restarts=self.restarts,
-            step_size=self.step_size, location=self.location, eot=self.eot, alpha=self.alpha,
-            target=self.target, seed=self.seed))
+        shared = {f.name: getattr(self, f.name) for f in fields(AttackConfig)
+                  if f.name != "patch_px"}
+        return as_flag_errors(lambda: AttackConfig(patch_px=patch_px, **shared))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
