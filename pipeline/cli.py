@@ -377,13 +377,12 @@ def finetune_command(config_path: str | None, quiet: bool, **options: Any) -> No
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def demo_command(out: str, workdir: str, quiet: bool) -> None:
     """The embedded default: synthetic data, a SIN-trained model, local Ray, Parquet in runs/."""
-    import torch
-
+    from pipeline.compute.cluster import set_torch_threads
     from pipeline.demo.model import demo_cert_config, train_demo_model
     from pipeline.demo.synthetic import write_synthetic_dataset
     from pipeline.run.config import RunConfig
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    set_torch_threads(os.cpu_count() or 1)
     work = Path(workdir)
     click.echo(f"1/3 synthetic data set (procedural, 10 classes, 32x32) in {work / 'data'}")
     data = write_synthetic_dataset(work / "data")

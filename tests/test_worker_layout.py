@@ -44,3 +44,25 @@ def test_gpu_workers_one_per_gpu() -> None:
     assert (layout.workers, layout.gpus, layout.device, layout.threads) == (8, 1.0, "cuda", 4)
     with pytest.raises(ValueError, match="no GPUs"):
         layout_for({"CPU": 4.0}, shards=1, device="cuda")
+
+
+def test_torch_threads_never_exceed_the_cpus_the_process_may_run_on() -> None:
+    """Ray counts the machine's cores; a worker pinned to fewer (taskset, a cpuset, a pytest-xdist
+    worker) runs at most one torch thread per CPU it may use."""
+    import os
+
+    import torch
+
+    from pipeline.compute.cluster import set_torch_threads
+
+    before_affinity, before_threads = os.sched_getaffinity(0), torch.get_num_threads()
+    try:
+        os.sched_setaffinity(0, {min(before_affinity)})
+        assert set_torch_threads(8) == 1 and torch.get_num_threads() == 1
+        os.sched_setaffinity(0, before_affinity)
+        assert set_torch_threads(1) == 1 and torch.get_num_threads() == 1
+        assert set_torch_threads(64) == len(before_affinity) == torch.get_num_threads()
+        assert set_torch_threads(0) == 1  # at least one
+    finally:
+        os.sched_setaffinity(0, before_affinity)
+        torch.set_num_threads(before_threads)

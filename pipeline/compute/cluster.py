@@ -31,6 +31,17 @@ def cpu_threads(workers: int, cpus: float) -> int:
     return max(1, int(cpus // workers))
 
 
+def set_torch_threads(threads: int) -> int:
+    """Give torch ``threads`` intra-op threads, at most as many as the CPUs this process may run
+    on (its affinity: ``taskset``, a cpuset; Ray counts the machine's cores), and return how
+    many: more busy OpenMP threads than cores wait on each other, several times slower."""
+    import torch
+
+    usable = max(1, min(threads, len(os.sched_getaffinity(0))))
+    torch.set_num_threads(usable)
+    return usable
+
+
 def worker_layout(
     device: str, resources: dict[str, float], workers: int | None, limit: int,
     gpus_per_worker: float | None = None,

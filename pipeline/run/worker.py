@@ -23,7 +23,7 @@ import pyarrow as pa
 import torch
 
 from pipeline.compute.batches import to_batch
-from pipeline.compute.cluster import ray_node_id
+from pipeline.compute.cluster import ray_node_id, set_torch_threads
 from pipeline.compute.models import load_stored_model
 from pipeline.io import storage
 from pipeline.io.certificates import (
@@ -76,7 +76,7 @@ class ShardWorker:
     """Certifies shards with one model held in memory."""
 
     def __init__(self, settings: WorkerSettings) -> None:
-        torch.set_num_threads(max(1, settings.threads))
+        set_torch_threads(settings.threads)
         self.settings = settings
         run = settings.run
         self.s3 = storage.S3Options(endpoint=run.s3_endpoint)

@@ -38,7 +38,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from pipeline.compute.cluster import cluster_resources, init_ray, worker_layout
+from pipeline.compute.cluster import (
+    cluster_resources,
+    init_ray,
+    set_torch_threads,
+    worker_layout,
+)
 from pipeline.compute.models import load_stored_model
 from pipeline.io import storage
 from pipeline.io.images import Preprocess, read_labelled
@@ -180,7 +185,7 @@ def train_worker(payload: dict[str, Any]) -> None:
     run = job.run
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    torch.set_num_threads(job.threads)
+    set_torch_threads(job.threads)
     device = ray.train.torch.get_device()
     s3 = storage.S3Options(endpoint=run.s3_endpoint)
     model = load_stored_model(run.model, run.checkpoint, s3)
