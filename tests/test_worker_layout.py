@@ -3,9 +3,12 @@ Ray needed)."""
 
 from __future__ import annotations
 
-import pytest
+import os
 
-from pipeline.compute.cluster import worker_layout
+import pytest
+import torch
+
+from pipeline.compute.cluster import set_torch_threads, worker_layout
 
 
 def layout_for(resources: dict[str, float], shards: int, device: str = "auto",
@@ -47,14 +50,8 @@ def test_gpu_workers_one_per_gpu() -> None:
 
 
 def test_torch_threads_never_exceed_the_cpus_the_process_may_run_on() -> None:
-    """Ray counts the machine's cores; a worker pinned to fewer (taskset, a cpuset, a pytest-xdist
-    worker) runs at most one torch thread per CPU it may use."""
-    import os
-
-    import torch
-
-    from pipeline.compute.cluster import set_torch_threads
-
+    """Ray counts the machine's cores; a worker pinned to fewer (taskset, a cpuset) runs at most
+    one torch thread per CPU it may use."""
     before_affinity, before_threads = os.sched_getaffinity(0), torch.get_num_threads()
     try:
         os.sched_setaffinity(0, {min(before_affinity)})
@@ -66,3 +63,15 @@ def test_torch_threads_never_exceed_the_cpus_the_process_may_run_on() -> None:
     finally:
         os.sched_setaffinity(0, before_affinity)
         torch.set_num_threads(before_threads)
+
+
+def test_torch_threads_without_an_affinity_call_stop_at_the_machines_cores(monkeypatch) -> None:
+    """Where ``os.sched_getaffinity`` does not exist (macOS), the machine's count is the cap."""
+    before = torch.get_num_threads()
+    monkeypatch.delattr(os, "sched_getaffinity")
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)
+    try:
+        assert set_torch_threads(64) == 3 == torch.get_num_threads()
+        assert set_torch_threads(2) == 2
+    finally:
+        torch.set_num_threads(before)

@@ -37,7 +37,9 @@ def set_torch_threads(threads: int) -> int:
     many: more busy OpenMP threads than cores wait on each other, several times slower."""
     import torch
 
-    usable = max(1, min(threads, len(os.sched_getaffinity(0))))
+    # sched_getaffinity is Linux only; elsewhere the machine's count is all there is to know
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    usable = max(1, min(threads, allowed or 1))
     torch.set_num_threads(usable)
     return usable
 
