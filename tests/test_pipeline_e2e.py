@@ -42,22 +42,29 @@ def read_rows(out: Path) -> list[dict]:
     return [row for part in parts for row in pq.read_table(part).to_pylist()]
 
 
+def report_on(*args: str) -> tuple[int, str]:
+    """``scalecert report``: (exit code, output); a crash's exception is appended."""
+    result = CliRunner().invoke(main, ["report", *args])
+    crash = result.exception if not isinstance(result.exception, SystemExit) else None
+    return result.exit_code, result.output + (repr(crash) if crash else "")
+
+
 def test_cifar10_run_two_patches_two_methods_then_resume(
     ray_session, tmp_path, cifar10_test_dir, resnet20_checkpoint
 ) -> None:
-    data = copy_class_subset(cifar10_test_dir, tmp_path / "cifar", per_class=10)
+    data = copy_class_subset(cifar10_test_dir, tmp_path / "cifar", per_class=6)
     out = tmp_path / "run"
     args = ["--data", str(data), "--model", "cifar_resnet20", "--checkpoint",
             str(resnet20_checkpoint), "--patch", "2.4%", "--patch", "0.4%", "--method",
-            "scalecert", "--method", "masking", "--out", str(out), "--shard-size", "30"]
+            "scalecert", "--method", "masking", "--out", str(out), "--shard-size", "18"]
     code, output = certify(*args)
     assert code == 0, output
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["dataset"]["images"] == 100 and len(manifest["shards"]) == 4
+    assert manifest["dataset"]["images"] == 60 and len(manifest["shards"]) == 4
     assert manifest["dataset"]["class_names"][:3] == ["airplane", "automobile", "bird"]
     assert manifest["patch_px"] == [5, 2]
     rows = read_rows(out)
-    assert len(rows) == 100 * 2 * 2
+    assert len(rows) == 60 * 2 * 2
     keys = {(r["image_id"], r["patch_px"], r["method"]) for r in rows}
     assert len(keys) == len(rows)
     assert all(r["status"] == "ok" and r["run_id"] == manifest["run_id"] for r in rows)
@@ -292,3 +299,40 @@ def test_attack_run_on_ray_certifies_attacks_detects_and_resumes(
     assert again.exit_code == 0, again.output
     assert "2 of 2 shards already done" in again.output
     assert {p: p.stat().st_mtime_ns for p in (out / "attacks").iterdir()} == stamps
+
+
+def test_audit_catches_a_degraded_model(ray_session, tmp_path: Path, cifar10_test_dir: Path,
+                                        resnet20_checkpoint: Path) -> None:
+    """`scalecert report --against`: a run of noisy weights against a run of the real ones on
+    the same images fails the audit (exit 3) unless --max-drop allows the drop."""
+    data = tmp_path / "cifar"
+    for folder in sorted(p for p in cifar10_test_dir.iterdir() if p.is_dir()):
+        (data / folder.name).mkdir(parents=True)
+        for path in sorted(folder.iterdir())[:5]:
+            shutil.copy(path, data / folder.name / path.name)
+    state = torch.load(resnet20_checkpoint, map_location="cpu", weights_only=False)
+    state = state.get("state_dict", state)
+    generator = torch.Generator().manual_seed(0)
+    noisy = {k: (v + 0.3 * v.std() * torch.randn(v.shape, generator=generator)
+                 if v.is_floating_point() and v.ndim > 1 else v) for k, v in state.items()}
+    degraded = tmp_path / "degraded.pt"
+    torch.save(noisy, degraded)
+    runs = {}  # masking: the un-fine-tuned ResNet-20 certifies ~40% of these at 2 px
+    for name, checkpoint in (("good", resnet20_checkpoint), ("degraded", degraded)):
+        runs[name] = tmp_path / name
+        code, output = certify("--data", str(data), "--model", "cifar_resnet20", "--checkpoint",
+                               str(checkpoint), "--patch", "0.4%", "--method", "masking",
+                               "--out", str(runs[name]))
+        assert code == 0, output
+    code, output = report_on(str(runs["degraded"]), "--against", str(runs["good"]))
+    assert code == 3, output
+    doc = json.loads((runs["degraded"] / "report.json").read_text())
+    good = json.loads(json.dumps(doc["diff"]["groups"][0]))
+    assert good["certified_drop_pp"] > 1.0 and good["lost_certification"]
+    rows = [r for part in sorted((runs["degraded"] / "certificates").glob("*.parquet"))
+            for r in pq.read_table(part).to_pylist()]
+    assert doc["groups"][0]["certified_accuracy"]["successes"] == sum(r["certified"] for r in rows)
+    assert report_on(str(runs["degraded"]), "--against", str(runs["good"]),
+                     "--max-drop", "100")[0] == 0
+    code, output = report_on(str(runs["good"]), "--against", str(runs["good"]))
+    assert code == 0 and "lost 0 gained 0" in output

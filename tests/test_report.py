@@ -1,7 +1,8 @@
 """``scalecert report``: the reducer, report files, audit diff, S3 archive and the HTML page.
 
 Most runs here are written directly as Parquet shards (fast, and lets us craft missing shards,
-foreign fingerprints and error rows); the audit test runs the real pipeline twice.
+foreign fingerprints and error rows). The audit of two real pipeline runs is in
+tests/test_pipeline_e2e.py, beside the other runs that share its Ray.
 """
 
 from __future__ import annotations
@@ -325,63 +326,6 @@ def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:
     if target:
         Path(target).mkdir(parents=True, exist_ok=True)
         shutil.copy(shot, Path(target) / "report.png")
-
-
-# --- the real pipeline: an audit catches a degraded model -------------------------------------
-
-@pytest.fixture(scope="module")
-def ray_session():
-    """One local Ray for the audit runs, in its own short temp dir (socket paths are limited to
-    108 bytes) so it cannot collide with another Ray on the machine."""
-    import tempfile
-
-    import ray
-
-    temp = tempfile.mkdtemp(prefix="scr-", dir="/tmp")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
-             log_to_driver=False, _temp_dir=temp)
-    yield
-    ray.shutdown()
-    shutil.rmtree(temp, ignore_errors=True)
-
-
-@pytest.mark.slow
-def test_audit_catches_a_degraded_model(ray_session, tmp_path: Path, cifar10_test_dir: Path,
-                                        resnet20_checkpoint: Path) -> None:
-    import torch
-
-    data = tmp_path / "cifar"
-    for folder in sorted(p for p in cifar10_test_dir.iterdir() if p.is_dir()):
-        (data / folder.name).mkdir(parents=True)
-        for path in sorted(folder.iterdir())[:5]:
-            shutil.copy(path, data / folder.name / path.name)
-    state = torch.load(resnet20_checkpoint, map_location="cpu", weights_only=False)
-    state = state.get("state_dict", state)
-    generator = torch.Generator().manual_seed(0)
-    noisy = {k: (v + 0.3 * v.std() * torch.randn(v.shape, generator=generator)
-                 if v.is_floating_point() and v.ndim > 1 else v) for k, v in state.items()}
-    degraded = tmp_path / "degraded.pt"
-    torch.save(noisy, degraded)
-    runs = {}  # masking: the un-fine-tuned ResNet-20 certifies ~40% of these at 2 px
-    for name, checkpoint in (("good", resnet20_checkpoint), ("degraded", degraded)):
-        runs[name] = tmp_path / name
-        result = CliRunner().invoke(main, [
-            "certify", "--quiet", "--data", str(data), "--model", "cifar_resnet20",
-            "--checkpoint", str(checkpoint), "--patch", "0.4%", "--method", "masking",
-            "--out", str(runs[name])])
-        assert result.exit_code == 0, result.output
-    code, output = report(str(runs["degraded"]), "--against", str(runs["good"]))
-    assert code == 3, output
-    doc = json.loads((runs["degraded"] / "report.json").read_text())
-    good = json.loads(json.dumps(doc["diff"]["groups"][0]))
-    assert good["certified_drop_pp"] > 1.0 and good["lost_certification"]
-    rows = [r for part in sorted((runs["degraded"] / "certificates").glob("*.parquet"))
-            for r in pq.read_table(part).to_pylist()]
-    assert doc["groups"][0]["certified_accuracy"]["successes"] == sum(r["certified"] for r in rows)
-    assert report(str(runs["degraded"]), "--against", str(runs["good"]),
-                  "--max-drop", "100")[0] == 0
-    code, output = report(str(runs["good"]), "--against", str(runs["good"]))
-    assert code == 0 and "lost 0 gained 0" in output
 
 
 def test_the_alert_confidence_curve_from_the_rows(tmp_path) -> None:
