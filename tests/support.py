@@ -222,3 +222,15 @@ def assert_scalecert_detection_is_sound(certifier, image: torch.Tensor, label: i
         assert not bool(wrong.any()), f"{name}: positions {checked[wrong][:5].tolist()}"
         fooled += int((logits.argmax(dim=1) != label).sum())
     assert fooled > 0, "no patch fooled M: the alerts were never needed"
+
+
+def invoke_report(*args: str) -> tuple[int, str]:
+    """``scalecert report ARGS`` in this process: (exit code, stdout and stderr, then the
+    exception of a crash, if any)."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    result = CliRunner().invoke(main, ["report", *args])
+    crash = result.exception if not isinstance(result.exception, SystemExit) else None
+    return result.exit_code, result.output + (repr(crash) if crash else "")

@@ -12,7 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
-from support import copy_class_subset
+from support import copy_class_subset, invoke_report
 
 from pipeline.cli import main
 from pipeline.compute.batches import load_image_folder
@@ -40,13 +40,6 @@ def certify(*args: str) -> tuple[int, str]:
 def read_rows(out: Path) -> list[dict]:
     parts = sorted((out / "certificates").glob("part-*.parquet"))
     return [row for part in parts for row in pq.read_table(part).to_pylist()]
-
-
-def report_on(*args: str) -> tuple[int, str]:
-    """``scalecert report``: (exit code, output); a crash's exception is appended."""
-    result = CliRunner().invoke(main, ["report", *args])
-    crash = result.exception if not isinstance(result.exception, SystemExit) else None
-    return result.exit_code, result.output + (repr(crash) if crash else "")
 
 
 def test_cifar10_run_two_patches_two_methods_then_resume(
@@ -305,11 +298,7 @@ def test_audit_catches_a_degraded_model(ray_session, tmp_path: Path, cifar10_tes
                                         resnet20_checkpoint: Path) -> None:
     """`scalecert report --against`: a run of noisy weights against a run of the real ones on
     the same images fails the audit (exit 3) unless --max-drop allows the drop."""
-    data = tmp_path / "cifar"
-    for folder in sorted(p for p in cifar10_test_dir.iterdir() if p.is_dir()):
-        (data / folder.name).mkdir(parents=True)
-        for path in sorted(folder.iterdir())[:5]:
-            shutil.copy(path, data / folder.name / path.name)
+    data = copy_class_subset(cifar10_test_dir, tmp_path / "cifar", per_class=5)
     state = torch.load(resnet20_checkpoint, map_location="cpu", weights_only=False)
     state = state.get("state_dict", state)
     generator = torch.Generator().manual_seed(0)
@@ -324,15 +313,15 @@ def test_audit_catches_a_degraded_model(ray_session, tmp_path: Path, cifar10_tes
                                str(checkpoint), "--patch", "0.4%", "--method", "masking",
                                "--out", str(runs[name]))
         assert code == 0, output
-    code, output = report_on(str(runs["degraded"]), "--against", str(runs["good"]))
+    code, output = invoke_report(str(runs["degraded"]), "--against", str(runs["good"]))
     assert code == 3, output
     doc = json.loads((runs["degraded"] / "report.json").read_text())
-    good = json.loads(json.dumps(doc["diff"]["groups"][0]))
-    assert good["certified_drop_pp"] > 1.0 and good["lost_certification"]
+    diff = doc["diff"]["groups"][0]
+    assert diff["certified_drop_pp"] > 1.0 and diff["lost_certification"]
     rows = [r for part in sorted((runs["degraded"] / "certificates").glob("*.parquet"))
             for r in pq.read_table(part).to_pylist()]
     assert doc["groups"][0]["certified_accuracy"]["successes"] == sum(r["certified"] for r in rows)
-    assert report_on(str(runs["degraded"]), "--against", str(runs["good"]),
+    assert invoke_report(str(runs["degraded"]), "--against", str(runs["good"]),
                      "--max-drop", "100")[0] == 0
-    code, output = report_on(str(runs["good"]), "--against", str(runs["good"]))
+    code, output = invoke_report(str(runs["good"]), "--against", str(runs["good"]))
     assert code == 0 and "lost 0 gained 0" in output

@@ -19,10 +19,9 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner
 from PIL import Image
+from support import invoke_report as report
 
-from pipeline.cli import main
 from pipeline.io.certificates import table_from_dicts, to_parquet_bytes
 from pipeline.report.archive import archive_run
 from pipeline.report.published import load_published
@@ -101,13 +100,6 @@ def synthetic_rows(count: int, seed: int, shard_prefix: str) -> list[dict[str, A
                            correct and bool(rng.random() < 0.7), alert=bool(rng.random() < 0.1),
                            n_evaluated=int(rng.integers(0, 37)), latency=float(rng.uniform(1, 3))))
     return rows
-
-
-def report(*args: str) -> tuple[int, str]:
-    """Run ``scalecert report``; (exit code, stdout and stderr)."""
-    result = CliRunner().invoke(main, ["report", *args])
-    crash = result.exception if not isinstance(result.exception, SystemExit) else None
-    return result.exit_code, result.output + (repr(crash) if crash else "")
 
 
 def test_wilson_interval_matches_known_values() -> None:
