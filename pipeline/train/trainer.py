@@ -268,6 +268,11 @@ def train_worker(payload: dict[str, Any]) -> None:
         else:
             ray.train.report(report)
         if epoch == job.fail_after_epoch:
+            # Rank 0 returns from report() only after its checkpoint upload; another rank
+            # returns at once. Raising before every rank's report is queued lets Ray's
+            # controller see the failure first and drop the epoch's checkpoint.
+            if world > 1:
+                dist.barrier()
             raise RuntimeError(f"{_FAIL_AFTER_EPOCH_ENV}={epoch}: stopping as asked (tests)")
 
 
