@@ -99,11 +99,16 @@ timed "finetune-k50-ww" "$SCALECERT" finetune --data "$WORK/data/train" --model 
   --patch 2.4% --method scalecert --top-k 0.50 --epochs 1 --lr 0.005 \
   --objective worst-window --mask-probability 1.0 --workers "$WORKERS"
 certify certify-k50-ww "$WORK/finetune-k50-ww/cifar_resnet20-scalecert.pt" scalecert 0.50 2.4%
+timed "finetune-k50-ww70" "$SCALECERT" finetune --data "$WORK/data/train" --model cifar_resnet20 \
+  --checkpoint "$WORK/finetune-k50/cifar_resnet20-scalecert.pt" --out "$WORK/finetune-k50-ww70" \
+  --patch 2.4% --method scalecert --top-k 0.70 --epochs 1 --lr 0.005 \
+  --objective worst-window --mask-probability 1.0 --workers "$WORKERS"
+certify certify-k50-ww70 "$WORK/finetune-k50-ww70/cifar_resnet20-scalecert.pt" scalecert 0.70 2.4%
 "$PYTHON" - "$WORK" <<'PY'
 import hashlib, sys
 from pathlib import Path
 from pipeline.io.recommended import read_recommendations
-built = {"scalecert": "finetune-k50-ww/cifar_resnet20-scalecert.pt",
+built = {"scalecert": "finetune-k50-ww70/cifar_resnet20-scalecert.pt",
          "masking": "finetune-ww-masking/cifar_resnet20-masking.pt"}
 for method, best in read_recommendations().items():
     path = Path(sys.argv[1]) / built[method]

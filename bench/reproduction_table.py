@@ -118,7 +118,9 @@ SWEEP = (*((f"sweep-certify-k{k}", f"sweep-finetune-k{k}", f"scalecert top-k {fl
 IMPROVED = (*((f"certify-ww-{m}", f"finetune-ww-{m}", f"{m} + 1 worst-window epoch", m)
               for m in ("scalecert", "masking")),
             ("certify-k50", "finetune-k50", "scalecert top-k 50%, 4 + 12 epochs (these 12 shown)"),
-            ("certify-k50-ww", "finetune-k50-ww", "scalecert top-k 50% + 1 worst-window epoch"))
+            ("certify-k50-ww", "finetune-k50-ww", "scalecert top-k 50% + 1 worst-window epoch"),
+            ("certify-k50-ww70", "finetune-k50-ww70",
+             "scalecert top-k 50% + 1 worst-window epoch at top-k 70% (certified at 70%)"))
 ABLATIONS = (
     ("sweep-certify-k0.15", "sweep-finetune-k0.15",
      "reference: top-k 15%, layer relu, windows in half the steps"),
