@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -55,6 +56,22 @@ def short_temp_dir(prefix: str) -> Path:
     """A new directory directly under /tmp, for a Ray temp dir: Ray's socket paths below it
     must fit in 107 bytes, which pytest's ``tmp_path`` leaves too little room for."""
     return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+@contextlib.contextmanager
+def local_ray(prefix: str) -> Iterator[None]:
+    """An embedded local Ray (2 CPUs, no dashboard) in its own short temp dir, shut down and
+    removed on exit: the driver joins it and leaves it up, so several runs share one start."""
+    import ray
+
+    temp_dir = short_temp_dir(prefix)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
+             log_to_driver=False, _temp_dir=str(temp_dir))
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def processes_naming(text: str) -> dict[int, str]:

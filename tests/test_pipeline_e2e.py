@@ -12,7 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
-from support import copy_class_subset, invoke_report, short_temp_dir
+from support import copy_class_subset, invoke_report, local_ray
 
 from pipeline.cli import main
 from pipeline.compute.batches import load_image_folder
@@ -23,16 +23,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def ray_session():
-    """One local Ray for the module (the driver reuses an initialised Ray and leaves it up), in
-    its own temp dir so that its sessions and logs are this module's alone."""
-    import ray
-
-    temp_dir = short_temp_dir("e2e")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
-             log_to_driver=False, _temp_dir=str(temp_dir))
-    yield
-    ray.shutdown()
-    shutil.rmtree(temp_dir, ignore_errors=True)
+    """One local Ray for the module, in its own temp dir."""
+    with local_ray("e2e"):
+        yield
 
 
 def certify(*args: str) -> tuple[int, str]:

@@ -6,7 +6,6 @@ S3 endpoint (moto)."""
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from pipeline.train.trainer import (
 )
 from scalecert.errors import RunFailed
 from scalecert.models.registry import file_sha256, load_model
-from tests.support import copy_class_subset, short_temp_dir
+from tests.support import copy_class_subset, local_ray
 
 pytestmark = pytest.mark.slow
 
@@ -115,10 +114,7 @@ def test_two_workers_train_from_s3_checkpoint_each_epoch_and_resume_to_the_same_
     # interrupted after epoch 1, then the same run again: resumes at epoch 2. Both runs join a
     # Ray that is already up (one start for the two) and leave it running.
     interrupted = replace(straight, out=f"s3://{s3_env}/runs/interrupted")
-    temp_dir = short_temp_dir("tr")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
-             log_to_driver=False, _temp_dir=str(temp_dir))
-    try:
+    with local_ray("tr"):
         monkeypatch.setenv("SCALECERT_TEST_FAIL_AFTER_EPOCH", "1")
         with pytest.raises(RunFailed, match="training failed"):
             run_finetune(interrupted)
@@ -130,9 +126,6 @@ def test_two_workers_train_from_s3_checkpoint_each_epoch_and_resume_to_the_same_
         events: list[tuple] = []
         resumed = run_finetune(interrupted, on_event=events.append)
         assert ray.is_initialized()  # a Ray it did not start stays up
-    finally:
-        ray.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
     assert [e[1]["epoch"] for e in events if e[0] == "epoch"] == [2]
     steps = [e for e in events if e[0] == "step"]
     assert {e[1] for e in steps} == {2} and steps[-1] == ("step", 2, 4, 4)  # 30 per worker, 8 a step
