@@ -144,22 +144,34 @@ class DefendedForward(nn.Module):
 
 @torch.no_grad()
 def worst_windows(
-    forward: nn.Module, images: torch.Tensor, labels: torch.Tensor, boxes: torch.Tensor
+    forward: nn.Module, images: torch.Tensor, labels: torch.Tensor, boxes: torch.Tensor,
+    images_per_pass: int = 4096,
 ) -> torch.Tensor:
     """For each image, the window of ``boxes`` under which ``forward`` has the highest loss
     (``N x 4``), computed in eval mode (the search must not move BatchNorm statistics); the
-    module's training mode is restored."""
+    module's training mode is restored.
+
+    Several windows share one forward pass (the batch repeated once per window, at most
+    ``images_per_pass`` rows): eval-mode BatchNorm and SIN pruning act on each row alone, so
+    this equals one pass per window, with fewer and larger kernels (a GPU runs the family in
+    a few passes instead of one per window)."""
+    if images_per_pass < 1:
+        raise InvalidOption(f"images_per_pass: must be >= 1, got {images_per_pass!r}")
+    count = len(images)
+    per_pass = max(1, images_per_pass // max(1, count))
     was_training = forward.training
     forward.eval()
     try:
-        losses = torch.stack([
-            F.cross_entropy(forward(images, box.expand(len(images), 4)), labels,
-                            reduction="none")
-            for box in boxes
-        ], dim=1)
+        losses = []
+        for start in range(0, len(boxes), per_pass):
+            chunk = boxes[start:start + per_pass]
+            windows = chunk.repeat_interleave(count, dim=0)
+            logits = forward(images.repeat(len(chunk), 1, 1, 1), windows)
+            loss = F.cross_entropy(logits, labels.repeat(len(chunk)), reduction="none")
+            losses.append(loss.view(len(chunk), count).T)
     finally:
         forward.train(was_training)
-    return boxes[losses.argmax(dim=1).cpu()]
+    return boxes[torch.cat(losses, dim=1).argmax(dim=1).cpu()]
 
 
 def training_windows(cert: CertConfig, image_hw: tuple[int, int]) -> torch.Tensor:

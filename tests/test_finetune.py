@@ -141,7 +141,10 @@ def test_training_forward_is_the_certified_forward(cifar10_test_dir, resnet20_ch
 
 
 @pytest.mark.parametrize("method", ["scalecert", "masking"])
-def test_the_worst_window_is_the_one_with_the_highest_loss(method: str) -> None:
+@pytest.mark.parametrize("images_per_pass", [1, 20, 4096])  # a window a pass, 3, all 36
+def test_the_worst_window_is_the_one_with_the_highest_loss(
+    method: str, images_per_pass: int
+) -> None:
     torch.manual_seed(0)
     model = randomize_batchnorm(create_model("cifar_resnet20"), seed=3).train()
     cert = CertConfig(patch_px=5, method=method)
@@ -149,7 +152,7 @@ def test_the_worst_window_is_the_one_with_the_highest_loss(method: str) -> None:
     images, labels = torch.rand(6, 3, 32, 32), torch.arange(6)
     boxes = Certifier(create_model("cifar_resnet20"), cert).mask_boxes(32)
     statistics = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
-    worst = worst_windows(forward, images, labels, boxes)
+    worst = worst_windows(forward, images, labels, boxes, images_per_pass)
     assert forward.training  # the search ran in eval mode and gave the mode back
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in statistics.items())
     forward.eval()
