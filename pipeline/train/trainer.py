@@ -216,7 +216,10 @@ def train_worker(payload: dict[str, Any]) -> None:
     state = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
+        # A folder of this worker's own: as_directory() shares one download among the workers
+        # of a node, and a worker read a state.pt that another was still writing or removing.
+        with tempfile.TemporaryDirectory(prefix=f"scalecert-resume-{rank}-") as folder:
+            checkpoint.to_directory(folder)
             state = torch.load(Path(folder) / "state.pt", map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
     model.to(device, memory_format=torch.channels_last).train()
