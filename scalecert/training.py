@@ -145,7 +145,7 @@ class DefendedForward(nn.Module):
 @torch.no_grad()
 def worst_windows(
     forward: nn.Module, images: torch.Tensor, labels: torch.Tensor, boxes: torch.Tensor,
-    images_per_pass: int = 4096,
+    images_per_pass: int | None = None,
 ) -> torch.Tensor:
     """For each image, the window of ``boxes`` under which ``forward`` has the highest loss
     (``N x 4``), computed in eval mode (the search must not move BatchNorm statistics); the
@@ -153,8 +153,11 @@ def worst_windows(
 
     Several windows share one forward pass (the batch repeated once per window, at most
     ``images_per_pass`` rows): eval-mode BatchNorm and SIN pruning act on each row alone, so
-    this equals one pass per window, with fewer and larger kernels (a GPU runs the family in
-    a few passes instead of one per window)."""
+    this equals one pass per window, with fewer and larger kernels. None: 4096 rows on a GPU
+    (the family in a few passes instead of one per window), one window a pass on a CPU (where
+    the larger passes measured about 30% slower)."""
+    if images_per_pass is None:
+        images_per_pass = 4096 if images.is_cuda else max(1, len(images))
     if images_per_pass < 1:
         raise InvalidOption(f"images_per_pass: must be >= 1, got {images_per_pass!r}")
     count = len(images)

@@ -141,7 +141,7 @@ def test_training_forward_is_the_certified_forward(cifar10_test_dir, resnet20_ch
 
 
 @pytest.mark.parametrize("method", ["scalecert", "masking"])
-@pytest.mark.parametrize("images_per_pass", [1, 20, 4096])  # a window a pass, 3, all 36
+@pytest.mark.parametrize("images_per_pass", [1, 20, 4096, None])  # 1, 3, 36 windows a pass; default
 def test_the_worst_window_is_the_one_with_the_highest_loss(
     method: str, images_per_pass: int
 ) -> None:
