@@ -113,14 +113,18 @@ def budget_table(work: Path, rows: list[tuple[str, ...]]) -> list[str]:
 SWEEP = (*((f"sweep-certify-k{k}", f"sweep-finetune-k{k}", f"scalecert top-k {float(k):.0%}")
            for k in ("0.10", "0.15", "0.20", "0.30", "0.50", "1.0")),
          ("sweep-certify-masking", "sweep-finetune-masking", "masking (same budget)", "masking"))
-# a worst-window epoch on each method's fine-tune, and scalecert at top-k 50% for 4 + 12
-# epochs: the recommended checkpoints of models/best.json are among these
+# a worst-window epoch on each method's fine-tune, scalecert at top-k 50% for 4 + 12 epochs,
+# and 8 more worst-window epochs on each: the recommended checkpoints of models/best.json
 IMPROVED = (*((f"certify-ww-{m}", f"finetune-ww-{m}", f"{m} + 1 worst-window epoch", m)
               for m in ("scalecert", "masking")),
             ("certify-k50", "finetune-k50", "scalecert top-k 50%, 4 + 12 epochs (these 12 shown)"),
             ("certify-k50-ww", "finetune-k50-ww", "scalecert top-k 50% + 1 worst-window epoch"),
             ("certify-k50-ww70", "finetune-k50-ww70",
-             "scalecert top-k 50% + 1 worst-window epoch at top-k 70% (certified at 70%)"))
+             "scalecert top-k 50% + 1 worst-window epoch at top-k 70% (certified at 70%)"),
+            ("certify-ww70x9", "finetune-ww70x9",
+             "the row above + 8 worst-window epochs at top-k 70% (lr 0.01)"),
+            ("certify-wwx9-masking", "finetune-wwx9-masking",
+             "masking + 1 + 8 worst-window epochs (lr 0.01)", "masking"))
 ABLATIONS = (
     ("sweep-certify-k0.15", "sweep-finetune-k0.15",
      "reference: top-k 15%, layer relu, windows in half the steps"),
