@@ -203,22 +203,24 @@ def sweep(args: argparse.Namespace) -> None:
     print(f"decoded {len(images)} training images in {time.perf_counter() - began:.0f} s",
           flush=True)
 
-    gpu_images = images.to(device)
-    gpu_labels = labels.to(device)
-    seconds = {c.name: probe_epoch_seconds(c, args, gpu_images, gpu_labels, device)
-               for c in candidates}
-    del gpu_images, gpu_labels
-    epochs = args.epochs or max(1, min(args.max_epochs,
-                                       int(args.budget_s // sum(seconds.values()))))
+    seconds: dict[str, float] = {}
+    if args.epochs:  # fixed: no probe needed
+        epochs = args.epochs
+    else:
+        gpu_images, gpu_labels = images.to(device), labels.to(device)
+        seconds = {c.name: probe_epoch_seconds(c, args, gpu_images, gpu_labels, device)
+                   for c in candidates}
+        del gpu_images, gpu_labels
+        epochs = max(1, min(args.max_epochs, int(args.budget_s // sum(seconds.values()))))
     print(f"epoch seconds alone: {json.dumps({k: round(v, 1) for k, v in seconds.items()})}; "
           f"{epochs} epochs each", flush=True)
 
     children = {}
-    for candidate in candidates:
-        command = [sys.executable, __file__, "--train-one", "--candidate", args.candidate[
-            names.index(candidate.name)], "--data-file", str(data_file), "--epochs", str(epochs),
-            "--out", str(out), "--device", args.device, "--patch-px", str(args.patch_px),
-            "--objective", args.objective, "--seed", str(args.seed)]
+    for candidate, text in zip(candidates, args.candidate):
+        command = [sys.executable, __file__, "--train-one", "--candidate", text,
+                   "--data-file", str(data_file), "--epochs", str(epochs),
+                   "--out", str(out), "--device", args.device, "--patch-px", str(args.patch_px),
+                   "--objective", args.objective, "--seed", str(args.seed)]
         children[candidate.name] = subprocess.Popen(command)
     deadline = time.perf_counter() + args.deadline_s
     for name, child in children.items():
