@@ -28,3 +28,9 @@ class RunFailed(Refusal):
 
 class MissingInput(InvalidOption, FileNotFoundError):
     """A file or folder named by the user that does not exist (a ``FileNotFoundError`` too)."""
+
+
+class ModelChanged(RunFailed):
+    """A model file (a checkpoint) whose bytes are not those the run was planned with, for
+    example rewritten by a training job after the plan was made. Work done with it would be
+    filed under the planned model's fingerprint, so it is refused, never done."""

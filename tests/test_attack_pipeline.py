@@ -42,7 +42,7 @@ def serial_shards(monkeypatch):
         worker_class, worker_args = worker
         settings = WorkerSettings(run=plan.run, run_id=plan.run_id, metadata=plan.metadata(),
                                   patch_pixels=plan.patch_pixels, image_side=plan.image_side,
-                                  threads=2)
+                                  checkpoint_sha256=plan.checkpoint_sha256, threads=2)
         instance = worker_class(settings, *worker_args)
         made.append(instance)
         for shard in todo:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import shutil
@@ -16,9 +17,13 @@ from support import copy_class_subset, invoke_report, local_ray
 
 from pipeline.cli import main
 from pipeline.compute.batches import load_image_folder
+from pipeline.run.config import RunConfig
+from pipeline.run.driver import run_certification
 from scalecert import CertConfig, Certifier, load_model
+from scalecert.errors import ModelChanged
 
 pytestmark = pytest.mark.slow
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +120,49 @@ def test_a_worker_killed_mid_shard_loses_nothing(
     assert sorted(r["image_id"] for r in rows) == sorted(
         p.relative_to(data).as_posix() for p in data.glob("*/*"))
     assert len({r["shard"] for r in rows}) == 3
+
+
+def test_a_checkpoint_rewritten_mid_run_stops_the_run_and_writes_none_of_its_rows(
+    ray_session, tmp_path, cifar10_test_dir, resnet20_checkpoint, monkeypatch
+) -> None:
+    """Scheduled audits point at paths that training jobs rewrite: after the first shard the
+    checkpoint file is replaced by other weights and the worker dies, so its restart reads the
+    new file. The run must stop naming the file and both hashes, keep only rows of the planned
+    model, and a rerun with the file restored must finish with the clean run's rows."""
+    data = copy_class_subset(cifar10_test_dir, tmp_path / "cifar", per_class=6)
+    checkpoint = tmp_path / "latest.th"
+    checkpoint.write_bytes(resnet20_checkpoint.read_bytes())
+    planned = checkpoint.read_bytes()
+    other = (REPO_ROOT / "models" / "cifar10-resnet20-masking-2.4.pt").read_bytes()
+    run = RunConfig(data=str(data), model="cifar_resnet20", checkpoint=str(checkpoint),
+                    patches=("5",), methods=("scalecert",), out=str(tmp_path / "run"),
+                    shard_size=20, workers=1)
+    monkeypatch.setenv("SCALECERT_TEST_CRASH_SHARD", "1")  # shard 1's worker dies before writing
+
+    def swap_after_first_shard(summary) -> None:
+        if summary.index == 0:
+            checkpoint.write_bytes(other)
+
+    with pytest.raises(ModelChanged) as caught:
+        run_certification(run, progress=swap_after_first_shard)
+    message = str(caught.value)
+    assert str(checkpoint) in message
+    assert hashlib.sha256(planned).hexdigest() in message
+    assert hashlib.sha256(other).hexdigest() in message
+    written = sorted(p.name for p in (tmp_path / "run" / "certificates").iterdir())
+    assert written == ["part-00000.parquet"]  # shard 0, certified before the swap
+
+    # restored, the same run resumes and ends with the planned model's certificates
+    checkpoint.write_bytes(planned)
+    summary = run_certification(run)
+    assert (summary.shards, summary.shards_skipped) == (3, 1)
+    rows = {r["image_id"]: r for r in read_rows(tmp_path / "run")}
+    images, labels = load_image_folder(data)
+    model = load_model("cifar_resnet20", checkpoint=resnet20_checkpoint)
+    direct = Certifier(model, CertConfig(patch_px=5, top_k=0.15)).certify(images, labels)
+    ids = sorted(p.relative_to(data).as_posix() for p in data.glob("*/*"))
+    for name in ("certified", "prediction", "clean_output"):
+        assert [rows[i][name] for i in ids] == getattr(direct, name).tolist(), name
 
 
 def bad_image_zoo(root: Path, good_jpeg: bytes) -> dict[str, str | None]:

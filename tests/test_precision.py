@@ -314,7 +314,7 @@ def test_worker_certifies_with_the_resolved_fast_path(tmp_path) -> None:
                     methods=("scalecert", "masking"),
                     checkpoint=str(MODELS / "cifar10-resnet20-scalecert-2.4.pt"))
     worker = ShardWorker(WorkerSettings(run=run, run_id="test", metadata={}, patch_pixels=(5,),
-                                        image_side=32))
+                                        image_side=32, checkpoint_sha256=None))
     assert [certifier.fast for certifier in worker.certifiers.certifiers] == [
         FastPath("bf16", fuse_bn=True)] * 2
     images = torch.rand(2, 3, 32, 32)

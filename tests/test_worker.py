@@ -17,7 +17,10 @@ from pipeline.io.sources import ImageRecord, open_dataset
 from pipeline.run.config import RunConfig
 from pipeline.run.worker import ShardTask, ShardWorker, WorkerSettings, part_location
 from scalecert import CertConfig, Certifier, load_model
+from scalecert.errors import ModelChanged
+from scalecert.models import file_sha256
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 WAIT_S = 30.0  # a failure guard only: the events below are set within milliseconds
 
 
@@ -31,11 +34,14 @@ def shard(tmp_path: Path, cifar10_test_dir: Path) -> tuple[Path, tuple[ImageReco
     return data, (*records, stray)
 
 
-def make_worker(tmp_path: Path, checkpoint: Path, data: Path, chunk: int) -> ShardWorker:
+def make_worker(
+    tmp_path: Path, checkpoint: Path, data: Path, chunk: int, planned_sha256: str | None = None
+) -> ShardWorker:
     run = RunConfig(data=str(data), model="cifar_resnet20", out=str(tmp_path / "out"),
                     patches=("5",), checkpoint=str(checkpoint), device="cpu")
-    return ShardWorker(WorkerSettings(run=run, run_id="test", metadata={}, patch_pixels=(5,),
-                                      image_side=32, chunk_images=chunk))
+    return ShardWorker(WorkerSettings(
+        run=run, run_id="test", metadata={}, patch_pixels=(5,), image_side=32,
+        checkpoint_sha256=planned_sha256 or file_sha256(checkpoint), chunk_images=chunk))
 
 
 def test_chunked_shard_gives_the_librarys_outcomes_and_error_rows(
@@ -92,3 +98,19 @@ def test_the_next_chunk_decodes_while_the_current_one_is_certified(
     summary = worker.run(ShardTask(index=0, records=records))
     assert seen_while_certifying == [True]
     assert summary.rows == len(records)
+
+
+def test_a_checkpoint_other_than_the_planned_one_certifies_nothing(
+    tmp_path, shard, resnet20_checkpoint
+) -> None:
+    """The planned sha256 is the akamaster file's; the path now holds other weights."""
+    data, records = shard
+    planned = file_sha256(resnet20_checkpoint)
+    swapped = tmp_path / "latest.pt"
+    swapped.write_bytes((REPO_ROOT / "models" / "cifar10-resnet20-masking-2.4.pt").read_bytes())
+    worker = make_worker(tmp_path, swapped, data, chunk=10, planned_sha256=planned)
+    with pytest.raises(ModelChanged) as caught:
+        worker.run(ShardTask(index=0, records=records))
+    message = str(caught.value)
+    assert str(swapped) in message and planned in message and file_sha256(swapped) in message
+    assert not (tmp_path / "out").exists()  # no row of the unplanned model is written

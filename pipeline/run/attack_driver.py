@@ -50,7 +50,7 @@ def universal_patches(plan: Plan, log: Callable[[str], None]) -> dict[str, Any]:
             missing.append((patch_px, method))
     if not missing:
         return patches
-    model = load_stored_model(run.model, run.checkpoint, s3)
+    model = load_stored_model(run.model, run.checkpoint, s3, expect_sha256=plan.checkpoint_sha256)
     images, labels = load_spread(options.universal_data, options.universal_images,
                                  model.num_classes, model.input_size, s3, "universal-data")
     for patch_px, method in missing:

@@ -48,9 +48,8 @@ class AttackShardWorker(ShardWorker):
     """Attacks shards with one model held in memory."""
 
     def __init__(self, settings: WorkerSettings, attack: AttackSettings) -> None:
-        super().__init__(settings)
         self.attack = attack
-        self.model.eval()
+        super().__init__(settings)
 
     def _location(self, shard: int) -> str:
         return attack_part_location(self.settings.run.out, shard)

@@ -34,7 +34,7 @@ from pipeline.run.attack_config import AttackOptions
 from pipeline.run.config import RunConfig
 from pipeline.run.worker import ShardSummary, ShardTask, ShardWorker, WorkerSettings
 from scalecert import __version__
-from scalecert.errors import InvalidOption, OutputConflict, RunFailed
+from scalecert.errors import InvalidOption, OutputConflict, Refusal, RunFailed
 
 _CRASH_SHARD_ENV = "SCALECERT_TEST_CRASH_SHARD"  # tests: the first try at this shard kills its worker
 
@@ -210,7 +210,12 @@ def execute(
     whose worker dies is retried, up to ``max_attempts`` tries in all. ``worker``: the actor
     class and its arguments after the settings (the certify worker by default)."""
     import ray
-    from ray.exceptions import ActorUnavailableError, RayActorError, WorkerCrashedError
+    from ray.exceptions import (
+        ActorUnavailableError,
+        RayActorError,
+        RayTaskError,
+        WorkerCrashedError,
+    )
 
     if not todo:
         return
@@ -220,7 +225,8 @@ def execute(
     workers = layout.workers
     settings = WorkerSettings(
         run=run, run_id=plan.run_id, metadata=plan.metadata(), patch_pixels=plan.patch_pixels,
-        image_side=plan.image_side, device=layout.device, threads=layout.threads,
+        image_side=plan.image_side, checkpoint_sha256=plan.checkpoint_sha256,
+        device=layout.device, threads=layout.threads,
     )
     worker_class, worker_args = worker
     actor_class = ray.remote(worker_class).options(
@@ -248,40 +254,53 @@ def execute(
         print(f"worker lost on shard {shard} (attempt {attempts[shard]}); retrying",
               file=sys.stderr)
 
-    for actor in range(workers):
-        for _ in range(2):
+    try:
+        for actor in range(workers):
+            for _ in range(2):
+                if queue:
+                    submit(actor)
+        while in_flight:
+            done, _ = ray.wait(list(in_flight), num_returns=1)
+            shard, actor = in_flight.pop(done[0])
+            try:
+                summary = ray.get(done[0])
+            except ActorUnavailableError as exc:
+                # The worker is restarting after a crash. The first call to report it was running
+                # when it died: a lost attempt. Calls that merely found it restarting are not
+                # attempts; they wait for it (at most 300 s).
+                first = actor not in unavailable_since
+                since = unavailable_since.setdefault(actor, time.monotonic())
+                if first:
+                    lost_attempt(shard, exc)
+                elif time.monotonic() - since > 300:
+                    raise RunFailed(f"shard {shard}: worker {actor} unavailable for 300 s: "
+                                    f"{exc}") from exc
+                else:
+                    attempts[shard] -= 1
+                    time.sleep(0.5)
+                queue.insert(0, shard)
+            except (RayActorError, WorkerCrashedError) as exc:
+                unavailable_since.setdefault(actor, time.monotonic())  # it restarts from here on
+                lost_attempt(shard, exc)
+                queue.insert(0, shard)
+            except RayTaskError as exc:
+                # A refusal (the checkpoint changed since the plan): no retry can make the shard
+                # right, so the run stops with the worker's message; anything else is a bug and
+                # keeps its traceback.
+                if isinstance(exc.cause, Refusal):
+                    raise exc.cause from None
+                raise
+            else:
+                unavailable_since.pop(actor, None)
+                if on_shard is not None:
+                    on_shard(summary)
             if queue:
                 submit(actor)
-    while in_flight:
-        done, _ = ray.wait(list(in_flight), num_returns=1)
-        shard, actor = in_flight.pop(done[0])
-        try:
-            summary = ray.get(done[0])
-        except ActorUnavailableError as exc:
-            # The worker is restarting after a crash. The first call to report it was running
-            # when it died: a lost attempt. Calls that merely found it restarting are not
-            # attempts; they wait for it (at most 300 s).
-            first = actor not in unavailable_since
-            since = unavailable_since.setdefault(actor, time.monotonic())
-            if first:
-                lost_attempt(shard, exc)
-            elif time.monotonic() - since > 300:
-                raise RunFailed(f"shard {shard}: worker {actor} unavailable for 300 s: "
-                                f"{exc}") from exc
-            else:
-                attempts[shard] -= 1
-                time.sleep(0.5)
-            queue.insert(0, shard)
-        except (RayActorError, WorkerCrashedError) as exc:
-            unavailable_since.setdefault(actor, time.monotonic())  # it restarts from here on
-            lost_attempt(shard, exc)
-            queue.insert(0, shard)
-        else:
-            unavailable_since.pop(actor, None)
-            if on_shard is not None:
-                on_shard(summary)
-        if queue:
-            submit(actor)
+    except BaseException:
+        # a stopped run leaves no worker behind holding CPUs or GPUs in a shared Ray
+        for handle in actors:
+            ray.kill(handle)
+        raise
 
 
 def run_certification(

@@ -37,6 +37,7 @@ from pipeline.io.images import Preprocess, read_labelled
 from pipeline.io.sources import ImageRecord
 from pipeline.run.config import RunConfig
 from scalecert.certify import CertifierGroup, CertifyResult
+from scalecert.errors import Refusal
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class WorkerSettings:
     metadata: dict[str, Any]  # goes into every Parquet file's schema metadata (with written_by)
     patch_pixels: tuple[int, ...]
     image_side: int
+    checkpoint_sha256: str | None  # the plan's: a worker refuses a checkpoint with other bytes
     device: str = "cpu"
     threads: int = 1
     chunk_images: int = 256
@@ -73,14 +75,27 @@ class ShardSummary:
 
 
 class ShardWorker:
-    """Certifies shards with one model held in memory."""
+    """Certifies shards with one model held in memory.
+
+    A refusal while loading the model (the checkpoint changed since the plan, or vanished) is
+    kept and raised by :meth:`run`: an exception in ``__init__`` reaches the Ray driver only
+    as text, while one raised by a task reaches it as itself, and the driver stops the run on
+    it instead of retrying (no retry can make those shards right)."""
 
     def __init__(self, settings: WorkerSettings) -> None:
-        set_torch_threads(settings.threads)
         self.settings = settings
+        self.refusal: Refusal | None = None
+        try:
+            self._load(settings)
+        except Refusal as exc:
+            self.refusal = exc
+
+    def _load(self, settings: WorkerSettings) -> None:
+        set_torch_threads(settings.threads)
         run = settings.run
         self.s3 = storage.S3Options(endpoint=run.s3_endpoint)
-        self.model = load_stored_model(run.model, run.checkpoint, self.s3)
+        self.model = load_stored_model(run.model, run.checkpoint, self.s3,
+                                       expect_sha256=settings.checkpoint_sha256)
         self.num_classes = self.model.num_classes
         self.preprocess = Preprocess.for_input_size(settings.image_side)
         self.keys = [(patch_px, method) for patch_px in settings.patch_pixels
@@ -120,6 +135,8 @@ class ShardWorker:
 
     def run(self, task: ShardTask) -> ShardSummary:
         """Certify one shard and write its Parquet file; returns counts for the progress line."""
+        if self.refusal is not None:
+            raise self.refusal
         started_at, start = time.time(), time.perf_counter()
         context = RowContext(run_id=self.settings.run_id, shard=task.index)
         blocks: list[pa.Table] = []

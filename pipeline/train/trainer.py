@@ -92,6 +92,7 @@ class TrainJob:
     eval_records: tuple[ImageRecord, ...]
     image_side: int
     threads: int
+    start_sha256: str | None = None  # the start checkpoint's, as fingerprinted: workers check it
     progress: Any = None  # a ray.util.queue.Queue for the driver's progress bar, or None
     fail_after_epoch: int | None = None  # tests: fail once this epoch's checkpoint is saved
 
@@ -188,7 +189,7 @@ def train_worker(payload: dict[str, Any]) -> None:
     set_torch_threads(job.threads)
     device = ray.train.torch.get_device()
     s3 = storage.S3Options(endpoint=run.s3_endpoint)
-    model = load_stored_model(run.model, run.checkpoint, s3)
+    model = load_stored_model(run.model, run.checkpoint, s3, expect_sha256=job.start_sha256)
     preprocess = Preprocess.for_input_size(job.image_side)
     settings = run.finetune_config(job.image_side)
     cert = settings.cert
@@ -415,7 +416,8 @@ def run_finetune(
         write_manifest(run, manifest, s3)
         progress = Queue(actor_options={"num_cpus": 0}) if on_event is not None else None
         job = TrainJob(run=run, records=records, eval_records=eval_records,
-                       image_side=image_side, threads=int(cpus), progress=progress,
+                       image_side=image_side, threads=int(cpus),
+                       start_sha256=manifest["start_checkpoint_sha256"], progress=progress,
                        fail_after_epoch=_fail_after_epoch())
         storage_path, filesystem = _ray_storage(run, s3)
         trainer = TorchTrainer(

@@ -22,7 +22,7 @@ from types import MappingProxyType
 import torch
 from torch import nn
 
-from scalecert.errors import InvalidOption, MissingInput
+from scalecert.errors import InvalidOption, MissingInput, ModelChanged
 from scalecert.models.base import StagedClassifier
 from scalecert.models.cifar_resnet import CifarResNet, CifarResNet18
 from scalecert.models.resnet import resnet18, resnet50
@@ -69,17 +69,33 @@ def file_sha256(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str]:
+def check_sha256(data: bytes, expect_sha256: str | None, location: str, what: str) -> str:
+    """The sha256 of ``data``; raises :class:`ModelChanged` when ``expect_sha256`` is given and
+    differs (the file at ``location`` was replaced since the run was planned)."""
+    sha256 = hashlib.sha256(data).hexdigest()
+    if expect_sha256 is not None and sha256 != expect_sha256:
+        raise ModelChanged(
+            f"{what}: {location} changed since the run was planned: its sha256 is now {sha256}, "
+            f"the run was planned with {expect_sha256}; no result of the changed file is "
+            "written. Restore the file, or start a new run (a new --out) to certify the new one"
+        )
+    return sha256
+
+
+def _read_state_dict(
+    path: Path, expect_sha256: str | None = None, location: str | None = None
+) -> tuple[dict[str, torch.Tensor], str]:
     """The checkpoint's state_dict (unwrapped, ``module.`` stripped) and the sha256 of exactly
-    the bytes that were loaded."""
+    the bytes that were loaded (checked against ``expect_sha256`` when given; ``location``
+    names the file in messages, default ``path``)."""
     if not path.exists():
         raise MissingInput(f"checkpoint: no such file: {path}")
+    data = path.read_bytes()
+    sha256 = check_sha256(data, expect_sha256, location or str(path), "checkpoint")
     try:
-        data = path.read_bytes()
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch.load raises many types for a bad file
         raise InvalidOption(f"checkpoint: cannot read {path}: {type(exc).__name__}: {exc}") from exc
-    sha256 = hashlib.sha256(data).hexdigest()
     if isinstance(obj, Mapping):
         for wrapper in ("state_dict", "model"):
             if isinstance(obj.get(wrapper), Mapping):
@@ -131,16 +147,20 @@ def load_model(
     name: str,
     checkpoint: str | os.PathLike[str] | None = None,
     num_classes: int | None = None,
+    expect_sha256: str | None = None,
+    location: str | None = None,
 ) -> StagedClassifier:
     """Build ``name``, load ``checkpoint`` if given, and return it in eval mode.
 
     Without ``num_classes`` the class count is read from the checkpoint's classifier weight.
-    ``model.checkpoint_sha256`` is the file's sha256 (None without a checkpoint).
+    ``model.checkpoint_sha256`` is the sha256 of the bytes loaded (None without a checkpoint).
+    ``expect_sha256``: the sha256 the caller planned with (a run's workers); other bytes raise
+    :class:`~scalecert.errors.ModelChanged`, naming ``location`` (default: the path).
     """
     model = create_model(name, num_classes)
     if checkpoint is not None:
         path = Path(checkpoint)
-        state, sha256 = _read_state_dict(path)
+        state, sha256 = _read_state_dict(path, expect_sha256, location)
         key = _final_linear_key(model)
         if num_classes is None and key in state and state[key].ndim == 2:
             inferred = int(state[key].shape[0])
