@@ -32,6 +32,9 @@ _EXPORTS = {
     "available_models": "scalecert.models",
     "create_model": "scalecert.models",
     "load_model": "scalecert.models",
+    "ModelSpec": "scalecert.models",
+    "Preprocessing": "scalecert.models",
+    "parse_spec": "scalecert.models",
     "Refusal": "scalecert.errors",
     "InvalidOption": "scalecert.errors",
 }
