@@ -85,8 +85,7 @@ _POINTWISE = (
     nn.ReLU6,
     nn.Identity,
     nn.Dropout,
-    nn.GroupNorm,
-)
+)  # not GroupNorm: its statistics are taken over the whole map, so it is not point-wise
 
 
 def _pair(value: int | Sequence[int]) -> tuple[int, int]:

@@ -116,3 +116,14 @@ def test_receptive_fields_by_hand() -> None:
     # layer2 position j: block 0 reads layer1 [2j-3, 2j+3], blocks 1-2 add 4 positions per side
     # at stride 2, layer1 adds 7 pixels: [2j-18, 2j+18].
     assert receptive_field(cifar.split("layer2").geometry, 5, 0) == (-8, 28)
+
+
+def test_normalisation_over_the_map_is_not_point_wise() -> None:
+    """GroupNorm's statistics span every position: a stem holding it has no bounded field."""
+    from torch import nn
+
+    from scalecert.errors import InvalidOption
+    from scalecert.geometry import geometry_of
+
+    with pytest.raises(InvalidOption, match="GroupNorm"):
+        geometry_of(nn.GroupNorm(2, 8))
