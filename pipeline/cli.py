@@ -22,11 +22,37 @@ def main() -> None:
 
 @main.command("models")
 def models_command() -> None:
-    """List the model names that --model and load_model() accept."""
+    """List what --model and load_model() accept: the built-in names, then the other forms of
+    a model spec, one line each."""
     from scalecert.models import available_models
+    from scalecert.models.spec import FORMS
 
     for name in available_models():
         click.echo(name)
+    click.echo("")
+    click.echo("and any PyTorch classifier, as --model SPEC (user models declare --input-size):")
+    width = max(len(form) for form, _ in FORMS)
+    for form, what in FORMS:
+        click.echo(f"  {form:<{width}}  {what}")
+
+
+# The model and its preprocessing, shared by every job (certify, attack, analyze, finetune).
+_MODEL_OPTIONS = (
+    click.option("--model", help="Model spec: a built-in name (`scalecert models` lists them), "
+                 "file:PATH.py:CALLABLE, module:IMPORT.PATH:CALLABLE, export:PATH.pt2 (local or "
+                 "s3://), torchvision:NAME or timm:NAME."),
+    click.option("--input-size", type=int,
+                 help="Square side the model takes, in px (required for file:, module: and "
+                      "export: models; built-ins and timm: know theirs)."),
+    click.option("--resize", type=int,
+                 help="Resize the short side to this many px, then centre-crop --input-size "
+                      "(default: no resize; images must already be input-size square)."),
+    click.option("--interpolation", type=click.Choice(["bilinear", "bicubic"]),
+                 help="Filter of --resize (Pillow's; default bilinear)."),
+    click.option("--mean", help="Per-channel mean R,G,B the model expects, subtracted inside "
+                 "the wrapped model so windows act on [0, 1] pixels (not for built-ins)."),
+    click.option("--std", help="Per-channel std R,G,B, with --mean (not for built-ins)."),
+)
 
 
 @main.command("methods")
@@ -44,8 +70,9 @@ def methods_command() -> None:
 _RUN_OPTIONS = (
     click.option("--data", help="Labelled images: root/<class>/<image>, or an ImageNet val folder "
                  "with --ground-truth; a local path or s3://bucket/prefix."),
-    click.option("--model", help="Model name (`scalecert models` lists them)."),
-    click.option("--checkpoint", help="State-dict file (local or s3://); default: random weights."),
+    *_MODEL_OPTIONS,
+    click.option("--checkpoint", help="State-dict file (local or s3://) with the model's own "
+                 "key names; default: the weights the spec builds (random for built-ins)."),
     click.option("--patch", "patches", multiple=True,
                  help="Patch side in pixels (32) or share of the image area (2%). Repeatable."),
     click.option("--method", "methods", multiple=True, type=click.Choice(available_methods()),
@@ -251,8 +278,9 @@ def _attack_report(run: str, out_dir: str | None, s3: Any) -> None:
 
 @main.command("analyze")
 @click.option("--data", help="Labelled images root/<class>/<image>, local or s3://.")
-@click.option("--model", help="Model name (`scalecert models` lists them).")
-@click.option("--checkpoint", help="State-dict file (local or s3://); default: random weights.")
+@_with(_MODEL_OPTIONS)
+@click.option("--checkpoint", help="State-dict file (local or s3://) with the model's own key "
+              "names; default: the weights the spec builds (random for built-ins).")
 @click.option("--patch", help="One patch size: pixels (5) or share of the image area (2.4%).")
 @click.option("--method", type=click.Choice(available_methods()),
               help="The defense whose M and detector are measured (default scalecert).")
@@ -302,10 +330,12 @@ def analyze_command(config_path: str | None, **options: Any) -> None:
 
 @main.command("finetune")
 @click.option("--data", help="Labelled training images root/<class>/<image>, local or s3://.")
-@click.option("--model", help="Model name (`scalecert models` lists them).")
-@click.option("--checkpoint", help="Weights to start from (local or s3://); default: random.")
+@_with(_MODEL_OPTIONS)
+@click.option("--checkpoint", help="Weights to start from (local or s3://); default: the "
+              "weights the spec builds (random for built-ins).")
 @click.option("--out", help="Output folder (local or s3://): finetune.json, ray-train/ "
-              "(a checkpoint per epoch) and <model>-<method>.pt with its .json sidecar.")
+              "(a checkpoint per epoch) and <model>-<method>.pt with its .json sidecar "
+              "(<model>: the spec's short name; the weights load back with the same --model).")
 @click.option("--patch", help="Patch size trained for: pixels (5) or share of the area (2.4%).")
 @click.option("--method", type=click.Choice(available_methods()),
               help="scalecert (and patchcleanser_sin): SIN pruning in the forward pass; "

@@ -131,7 +131,7 @@ def test_imagenet_geometry_matches_torchvision_arithmetic() -> None:
     assert out.shape == (224, 224, 3)
     # The edge sits at 192 - 80 = 112 in the crop (bilinear blurs at most one pixel around it).
     assert (out[:, :111] == 0).all() and (out[:, 113:] == 255).all()
-    assert Preprocess.for_input_size(224) == Preprocess("imagenet", 224, 256)
+    assert Preprocess.for_input_size(224) == Preprocess("resize", 224, 256)
     assert Preprocess.for_input_size(32) == Preprocess("exact", 32)
 
 
@@ -139,7 +139,7 @@ def test_preprocess_validation() -> None:
     with pytest.raises(ValueError, match="kind"):
         Preprocess("bicubic", 224, 256)
     with pytest.raises(ValueError, match="resize >= size"):
-        Preprocess("imagenet", 224, 200)
+        Preprocess("resize", 224, 200)
     with pytest.raises(ValueError, match="no resize"):
         Preprocess("exact", 32, 36)
     with pytest.raises(ValueError, match="input size 96"):

@@ -76,17 +76,17 @@ def load_image_folder(
 
 
 def load_spread(
-    source: str, count: int, num_classes: int, side: int, s3: S3Options | None = None,
-    option: str = "data",
+    source: str, count: int, num_classes: int, preprocess: Preprocess,
+    s3: S3Options | None = None, option: str = "data",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``count`` labelled images of ``source`` (local or s3://) spread evenly over its sorted
     listing, so that every class is in (the first ``count`` keys would be the first folders
-    only), read and preprocessed for ``side`` px models as ``certify`` does; unusable images
-    are left out. ``option``: the flag named when none is usable."""
+    only), read and preprocessed as ``certify`` does (``preprocess``: the model's,
+    ``Preprocess.of(model.preprocessing)``); unusable images are left out. ``option``: the
+    flag named when none is usable."""
     records = open_dataset(source, s3=s3).records
     step = max(1, len(records) // count)
     chosen = records[::step][:count]
-    preprocess = Preprocess.for_input_size(side)
     with ThreadPoolExecutor(max_workers=8) as pool:
         outcomes = list(pool.map(lambda r: read_labelled(r, preprocess, num_classes, s3), chosen))
     good = [(record, outcome) for record, outcome in zip(chosen, outcomes)

@@ -4,8 +4,10 @@ Every way an input can be unusable (unreadable, no label, a label the model lack
 undecodable file) ends in one short reason (:func:`read_labelled`), which the certify worker
 writes into the certificate row (status ``error``) and fine-tuning lists as skipped, instead of
 crashing the run.
-Preprocessing matches torchvision's standard evaluation transforms on PIL images (``Resize``
-with bilinear interpolation, ``CenterCrop``) so accuracies compare with published ones.
+Preprocessing follows the model's declared :class:`~scalecert.models.Preprocessing`
+(:meth:`Preprocess.of`) and matches torchvision's evaluation transforms on PIL images
+(``Resize`` of the short side with Pillow's bilinear or bicubic filter, ``CenterCrop``) so
+accuracies compare with published ones.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -22,9 +25,20 @@ from pipeline.io.sources import ImageRecord
 from scalecert.errors import InvalidOption
 
 MIN_SIDE = 8
-KINDS = ("imagenet", "exact")
+KINDS = ("resize", "exact")
 IMAGENET_RESIZE = 256
 IMAGENET_SIZE = 224
+# Pillow's filters by the names --interpolation takes
+FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
+class DeclaredPreprocessing(Protocol):
+    """What :meth:`Preprocess.of` reads of a :class:`scalecert.models.Preprocessing` (named
+    here without importing it: ``scalecert.models`` imports torch, this module does not)."""
+
+    input_size: int | None
+    resize: int | None
+    interpolation: str | None
 
 
 class ImageError(ValueError):
@@ -35,8 +49,9 @@ class ImageError(ValueError):
 class Preprocess:
     """How decoded pixels become a ``size x size`` model input.
 
-    - ``imagenet``: resize the short side to ``resize`` (bilinear), then centre-crop ``size``
-      (the standard 256 -> 224 evaluation transform).
+    - ``resize``: resize the short side to ``resize`` with ``interpolation`` (Pillow's
+      bilinear or bicubic filter), then centre-crop ``size`` (the standard evaluation
+      transform: 256 -> 224 for ImageNet models, or a timm model's ``crop_pct``).
     - ``exact``: the image must already be ``size x size`` (CIFAR); nothing is resampled, so
       masks act on the original pixels.
     """
@@ -44,33 +59,52 @@ class Preprocess:
     kind: str
     size: int
     resize: int | None = None
+    interpolation: str = "bilinear"
 
     def __post_init__(self) -> None:
+        if self.kind == "imagenet":  # the earlier name of ``resize``, still accepted
+            object.__setattr__(self, "kind", "resize")
         if self.kind not in KINDS:
             raise InvalidOption(f"Preprocess.kind {self.kind!r}: expected one of {KINDS}")
         if not isinstance(self.size, int) or self.size < MIN_SIDE:
             raise InvalidOption(f"Preprocess.size {self.size!r}: expected an int >= {MIN_SIDE}")
         if self.kind == "exact" and self.resize is not None:
             raise InvalidOption(f"Preprocess: exact preprocessing takes no resize (got {self.resize})")
-        if self.kind == "imagenet" and (
+        if self.kind == "resize" and (
             not isinstance(self.resize, int) or self.resize < self.size
         ):
             raise InvalidOption(
-                f"Preprocess: imagenet preprocessing needs resize >= size ({self.size}), "
+                f"Preprocess: resize preprocessing needs resize >= size ({self.size}), "
                 f"got {self.resize!r}"
             )
+        if self.interpolation not in FILTERS:
+            raise InvalidOption(f"Preprocess.interpolation {self.interpolation!r}: expected "
+                                f"one of {', '.join(FILTERS)}")
+
+    @classmethod
+    def of(cls, preprocessing: DeclaredPreprocessing) -> Preprocess:
+        """The decoding step of a model's resolved preprocessing (its ``input_size``,
+        ``resize`` and ``interpolation``; ``mean`` and ``std`` act inside the model)."""
+        if preprocessing.input_size is None:
+            raise InvalidOption("Preprocess.of: the preprocessing declares no input size")
+        if preprocessing.resize is None:
+            return cls("exact", preprocessing.input_size)
+        return cls("resize", preprocessing.input_size, preprocessing.resize,
+                   preprocessing.interpolation or "bilinear")
 
     @classmethod
     def for_input_size(cls, size: int) -> Preprocess:
-        """The standard preprocessing for a model input size: 224 -> imagenet (resize 256,
-        crop 224), 32 -> exact 32x32. Other sizes must be spelled out explicitly."""
+        """The built-ins' preprocessing for an input size: 224 -> resize 256 (bilinear) and
+        crop 224, 32 -> exact 32x32. Other sizes come from a model's declared preprocessing
+        (:meth:`of`)."""
         if size == IMAGENET_SIZE:
-            return cls("imagenet", IMAGENET_SIZE, IMAGENET_RESIZE)
+            return cls("resize", IMAGENET_SIZE, IMAGENET_RESIZE)
         if size == 32:
             return cls("exact", 32)
         raise InvalidOption(
             f"no standard preprocessing for input size {size} (known: 224, 32); "
-            "construct Preprocess(kind=..., size=..., resize=...) explicitly"
+            "use Preprocess.of(model.preprocessing) or construct Preprocess(kind=..., "
+            "size=..., resize=...) explicitly"
         )
 
 
@@ -148,7 +182,7 @@ def _fit(image: Image.Image, preprocess: Preprocess) -> np.ndarray:
     new_long = int(preprocess.resize * long / short)
     new_size = (preprocess.resize, new_long) if width <= height else (new_long, preprocess.resize)
     if new_size != (width, height):
-        image = image.resize(new_size, Image.Resampling.BILINEAR, reducing_gap=None)
+        image = image.resize(new_size, FILTERS[preprocess.interpolation], reducing_gap=None)
     width, height = new_size
     top = int(round((height - size) / 2.0))
     left = int(round((width - size) / 2.0))

@@ -53,7 +53,7 @@ from pipeline.report.html import _STYLE, PALETTE, _e, _Frame
 from pipeline.report.published import PublishedAttackRow, comparable, load_published_attacks
 from pipeline.report.reduce import (MissingShard, Proportion, ReportRefused, check_fingerprint,
                                     check_shard_identity, missing_shard, read_manifest, wilson)
-from pipeline.report.text import num, pct
+from pipeline.report.text import model_provenance, num, pct, preprocessing_text
 
 SCHEMA_VERSION = "scalecert-attack-report/1"
 ROW_KEY = ("image_id", "attack", "patch_px", "method")
@@ -436,6 +436,9 @@ def build_attack_report(run: AttackRun, figures: Sequence[AttackGroup]) -> dict[
             "fingerprint": manifest["fingerprint"], "attack": manifest.get("attack"),
             "model": (manifest.get("config") or {}).get("model"),
             "checkpoint_sha256": manifest.get("checkpoint_sha256"),
+            "source_sha256": manifest.get("source_sha256"),
+            "package_versions": manifest.get("package_versions"),
+            "preprocessing": manifest.get("preprocessing"),
             "version": manifest.get("version"), "created": manifest.get("created"),
             "image_side": manifest.get("image_side"),
             "dataset": {"source": dataset.get("source"),
@@ -474,9 +477,12 @@ def render_attack_markdown(figures: Sequence[AttackGroup], manifest: dict[str, A
     comp = _completeness(manifest, missing)
     out = [f"# ScaleCert attack report: run {manifest.get('run_id')}", "",
            f"- attack: {_attack_summary(manifest)}",
-           f"- model `{(manifest.get('config') or {}).get('model')}`, data "
+           f"- model `{(manifest.get('config') or {}).get('model')}`"
+           f"{model_provenance(manifest)}, data "
            f"`{dataset.get('source')}` ({dataset.get('images')} images listed, "
-           f"{manifest.get('image_side')} px)",
+           f"{manifest.get('image_side')} px)"
+           + (f"; preprocessing {text}"
+              if (text := preprocessing_text(manifest.get("preprocessing"))) else ""),
            f"- shards: {comp['shards_present']} of {comp['shards_listed']} present"
            + ("" if comp["complete"] else f"; **{len(missing)} MISSING "
               f"({comp['images_missing']} images without attack rows, in no figure)**"), "",
@@ -582,7 +588,8 @@ def render_attack_html(figures: Sequence[AttackGroup], manifest: dict[str, Any],
     run_id = _e(manifest.get("run_id"))
     body = [f"<h1>ScaleCert attack report: run {run_id}</h1>",
             f"<p>attack: {_e(_attack_summary(manifest))}; model <code>"
-            f"{_e((manifest.get('config') or {}).get('model'))}</code>, data <code>"
+            f"{_e((manifest.get('config') or {}).get('model'))}</code>"
+            f"{_e(model_provenance(manifest))}, data <code>"
             f"{_e(dataset.get('source'))}</code>, {_e(dataset.get('images'))} images listed, "
             f"{_e(manifest.get('image_side'))} px; shards {comp['shards_present']} of "
             f"{comp['shards_listed']}.</p>"]

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.report.reduce import ACCURACIES
-from pipeline.report.text import num, pct, signed_pp
+from pipeline.report.text import model_provenance, num, pct, preprocessing_text, signed_pp
 from pipeline.report.thumbnails import Thumbnail
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf")
@@ -240,8 +240,11 @@ def render_html(report: dict[str, Any], thumbs: list[Thumbnail]) -> str:
     """report.html: one self-contained page (inline CSS and SVG, no scripts, no network)."""
     run, comp = report["run"], report["completeness"]
     body = [f"<h1>ScaleCert report: run {_e(run['run_id'])}</h1>",
-            f"<p>model <code>{_e(run['model'])}</code>, data <code>{_e(run['dataset']['source'])}"
-            f"</code>, {run['dataset']['images']} images listed, {run['image_side']} px; "
+            f"<p>model <code>{_e(run['model'])}</code>{_e(model_provenance(run))}, data <code>"
+            f"{_e(run['dataset']['source'])}</code>, {run['dataset']['images']} images listed, "
+            f"{run['image_side']} px"
+            + (f" ({_e(text)})" if (text := preprocessing_text(run.get("preprocessing"))) else "")
+            + "; "
             f"shards {comp['shards_present']} of {comp['shards_listed']}; "
             f"{report['errors']['images']} images with errors (counted as not certified).</p>"]
     if not comp["complete"]:

@@ -5,16 +5,19 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.report.reduce import ACCURACIES
-from pipeline.report.text import num, pct, signed_pp
+from pipeline.report.text import model_provenance, num, pct, preprocessing_text, signed_pp
 
 
 def render_markdown(report: dict[str, Any]) -> str:
     """report.md: the same content as report.json, as tables."""
     run, comp = report["run"], report["completeness"]
     out = [f"# ScaleCert report: run {run['run_id']}", "",
-           f"- model `{run['model']}`, checkpoint sha256 `{str(run['checkpoint_sha256'])[:16]}`",
+           f"- model `{run['model']}`, checkpoint sha256 `{str(run['checkpoint_sha256'])[:16]}`"
+           + model_provenance(run),
            f"- data `{run['dataset']['source']}` ({run['dataset']['images']} images listed, "
-           f"{run['image_side']} px)",
+           f"{run['image_side']} px)"
+           + (f"; preprocessing {text}" if (text := preprocessing_text(run.get("preprocessing")))
+              else ""),
            f"- shards: {comp['shards_present']} of {comp['shards_listed']} present"
            + ("" if comp["complete"] else f"; **{len(comp['missing_shards'])} MISSING "
               f"({comp['images_missing']} images counted as not certified)**"),

@@ -21,3 +21,32 @@ def signed_pp(delta: dict[str, Any]) -> str:
     lo, hi = delta["ci95"]
     return f"{100 * delta['delta']:+.1f} pp [{100 * lo:+.1f}, {100 * hi:+.1f}]"
 
+
+
+def model_provenance(record: dict[str, Any]) -> str:
+    """What a manifest (or a report's ``run``) says of a user model beyond its spec and
+    checkpoint: ``, file sha256 1a2b3c4d5e6f7a8b, packages timm 1.0.3``; empty for a
+    built-in."""
+    text = ""
+    if record.get("source_sha256"):
+        text += f", file sha256 {str(record['source_sha256'])[:16]}"
+    versions = record.get("package_versions") or {}
+    if versions:
+        text += ", packages " + ", ".join(f"{name} {version or '(not installed: file hashed)'}"
+                                          for name, version in sorted(versions.items()))
+    return text
+
+
+def preprocessing_text(preprocessing: dict[str, Any] | None) -> str | None:
+    """``224 px from short side 256 (bicubic), centre crop; mean 0.485,0.456,0.406, std ...``
+    for a manifest's resolved preprocessing; None when the run recorded none."""
+    if not preprocessing or not preprocessing.get("input_size"):
+        return None
+    side, resize = preprocessing["input_size"], preprocessing.get("resize")
+    text = (f"{side} px from short side {resize} ({preprocessing.get('interpolation') or 'bilinear'}"
+            "), centre crop" if resize else f"{side} px exact (images not resized)")
+    mean, std = preprocessing.get("mean"), preprocessing.get("std")
+    if mean and std:
+        text += (f"; mean {','.join(f'{v:g}' for v in mean)}, "
+                 f"std {','.join(f'{v:g}' for v in std)} (applied inside the model)")
+    return text

@@ -24,6 +24,18 @@ class Thumbnail:
     problem: str | None
 
 
+def run_preprocess(run: dict[str, Any]) -> Preprocess:
+    """How the run decoded its images: the manifest's resolved preprocessing, or (runs of
+    earlier versions, built-in models only) the standard one for its image side."""
+    recorded = run.get("preprocessing")
+    if recorded and recorded.get("input_size"):
+        if recorded.get("resize") is None:
+            return Preprocess("exact", int(recorded["input_size"]))
+        return Preprocess("resize", int(recorded["input_size"]), int(recorded["resize"]),
+                          recorded.get("interpolation") or "bilinear")
+    return Preprocess.for_input_size(int(run["image_side"]))
+
+
 def alert_thumbnails(report: dict[str, Any], s3: storage.S3Options | None,
                      limit: int = 24) -> list[Thumbnail]:
     """Thumbnails of the first ``limit`` clean alerts, read from the dataset and preprocessed
@@ -37,7 +49,7 @@ def alert_thumbnails(report: dict[str, Any], s3: storage.S3Options | None,
         png, problem = None, None
         try:
             pixels = decode(storage.read_bytes(storage.join(source, item["image_id"]), s3),
-                            Preprocess.for_input_size(side))
+                            run_preprocess(report["run"]))
             image = Image.fromarray(pixels)
             if side > 112:
                 image = image.resize((112, 112), Image.Resampling.BILINEAR)

@@ -19,16 +19,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from pipeline.compute.batches import load_spread
-from pipeline.compute.models import load_stored_model
+from pipeline.compute.models import PREPROCESSING_OPTIONS, as_flag_message, load_stored_model
+from pipeline.io.images import Preprocess
 from pipeline.io import storage
 from pipeline.options import as_flag_errors, load_yaml, positive_int, require
 from pipeline.run.attack_config import AttackOptions
 from pipeline.run.config import RunConfig
 from scalecert import __version__
 from scalecert.errors import InvalidOption
-from scalecert.models.base import StagedClassifier
 from scalecert.sin_stats import sin_statistics
 
 SCHEMA_VERSION = "scalecert-analysis/1"
@@ -37,7 +38,7 @@ DEFAULT_ALPHAS = (0.0, 0.5, 1.0, 2.0, 4.0)
 ATTACK_KEYS = ("attack_model", "steps", "restarts", "step_size", "location", "seed")
 # The run options it offers; the YAML file takes these keys and the analysis' own.
 RUN_KEYS = ("data", "model", "checkpoint", "patch", "patches", "method", "methods", "top_k",
-            "masks_per_axis", "layer", "out", "s3_endpoint")
+            "masks_per_axis", "layer", "out", "s3_endpoint", *PREPROCESSING_OPTIONS)
 OWN_KEYS = ("images", "count", "alphas")
 
 
@@ -121,17 +122,21 @@ def run_analysis(run: AnalyzeRun, log: Callable[[str], None] = lambda line: None
     started = time.perf_counter()
     config = run.run
     s3 = storage.S3Options(endpoint=config.s3_endpoint)
-    try:  # the weights are checked before any image is read
-        model = load_stored_model(config.model, config.checkpoint, s3)
+    try:  # the model and its weights are checked before any image is read
+        model = load_stored_model(config.model, config.checkpoint, s3,
+                                  preprocessing=config.preprocessing())
     except FileNotFoundError as exc:
-        raise InvalidOption(f"--checkpoint: {exc}") from None
+        raise InvalidOption(as_flag_message(exc, "--checkpoint")) from None
+    except InvalidOption as exc:
+        raise InvalidOption(as_flag_message(exc)) from exc
     patch_px = config.patch_pixels(model.input_size)[0]
     layer = _check_against_model(run, model, patch_px)
     device = "cuda" if config.device != "cpu" and torch.cuda.is_available() else "cpu"
     model = model.to(device).eval()
     log(f"model {config.model} ({model.checkpoint_sha256 or 'random weights'}), layer {layer}, "
         f"{patch_px} px patches, on {device}")
-    images, labels = load_spread(config.data, run.images, model.num_classes, model.input_size, s3)
+    images, labels = load_spread(config.data, run.images, model.num_classes,
+                                 Preprocess.of(model.preprocessing), s3)
     log(f"{len(labels)} images from {config.data}"
         + ("" if len(labels) == run.images else f" ({run.images} asked for)"))
     cert = config.cert_config(patch_px, run.method)
@@ -144,6 +149,9 @@ def run_analysis(run: AnalyzeRun, log: Callable[[str], None] = lambda line: None
         "provenance": {
             "data": config.data, "model": config.model, "checkpoint": config.checkpoint,
             "checkpoint_sha256": model.checkpoint_sha256, "image_side": model.input_size,
+            "source_sha256": model.source_sha256,
+            "package_versions": dict(model.package_versions),
+            "preprocessing": model.preprocessing.declared(),
             "classes": model.num_classes, "patch": run.patch, "patch_px": patch_px,
             "method": run.method, "top_k": config.top_k,
             "masks_per_axis": config.masks_per_axis, "images_requested": run.images,
@@ -154,13 +162,16 @@ def run_analysis(run: AnalyzeRun, log: Callable[[str], None] = lambda line: None
     }
 
 
-def _check_against_model(run: AnalyzeRun, model: StagedClassifier, patch_px: int) -> str:
+def _check_against_model(run: AnalyzeRun, model: nn.Module, patch_px: int) -> str:
     """The options only the model can check, before any image is read: the patch fits the
     image, the layer exists, and it has ``count`` neurons. Returns the layer's name."""
     side = model.input_size
     require(patch_px <= side, "patch",
             f"a patch no larger than the {side} px images, got {run.patch} ({patch_px} px)")
-    split = as_flag_errors(lambda: model.split(run.run.layer))
+    try:
+        split = model.split(run.run.layer)
+    except InvalidOption as exc:
+        raise InvalidOption(as_flag_message(exc, "--layer")) from exc
     with torch.no_grad():
         neurons = split.stem(torch.zeros(1, 3, side, side)).numel()
     require(run.count <= neurons, "count",

@@ -17,6 +17,7 @@ from typing import Any, Callable
 from pipeline.compute.batches import load_spread
 from pipeline.compute.models import load_stored_model
 from pipeline.io import storage
+from pipeline.io.images import Preprocess
 from pipeline.run.attack_config import AttackRun
 from pipeline.run.attack_worker import AttackSettings, AttackShardWorker, universal_key
 from pipeline.run.driver import Plan, RunSummary, run_certification
@@ -50,9 +51,13 @@ def universal_patches(plan: Plan, log: Callable[[str], None]) -> dict[str, Any]:
             missing.append((patch_px, method))
     if not missing:
         return patches
-    model = load_stored_model(run.model, run.checkpoint, s3, expect_sha256=plan.checkpoint_sha256)
+    model = load_stored_model(run.model, run.checkpoint, s3, expect_sha256=plan.checkpoint_sha256,
+                              preprocessing=plan.preprocessing or run.preprocessing(),
+                              expect_source_sha256=plan.source_sha256,
+                              expect_package_versions=plan.package_versions)
     images, labels = load_spread(options.universal_data, options.universal_images,
-                                 model.num_classes, model.input_size, s3, "universal-data")
+                                 model.num_classes, Preprocess.of(model.preprocessing), s3,
+                                 "universal-data")
     for patch_px, method in missing:
         began = time.perf_counter()
         patch = train_universal_patch(

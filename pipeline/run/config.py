@@ -14,12 +14,17 @@ from typing import Any
 
 import torch
 
+from pipeline.compute.models import (
+    PREPROCESSING_OPTIONS,
+    check_model_options,
+    declared_preprocessing,
+)
 from pipeline.options import PatchSize, as_flag_errors, load_yaml, positive_int, require
 from scalecert.certify import default_batch_size
 from scalecert.config import CertConfig
 from scalecert.errors import InvalidOption
 from scalecert.methods.registry import available_methods
-from scalecert.models import available_models
+from scalecert.models import Preprocessing
 from scalecert.precision import FastPath
 
 
@@ -32,6 +37,12 @@ class RunConfig:
     out: str
     patches: tuple[str, ...]
     checkpoint: str | None = None
+    # the model's preprocessing (scalecert.models.Preprocessing); None: the model's default
+    input_size: int | None = None
+    resize: int | None = None
+    interpolation: str | None = None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
     methods: tuple[str, ...] = ("scalecert",)
     top_k: float = 0.15
     masks_per_axis: int = 6
@@ -59,10 +70,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         require(isinstance(self.data, str) and self.data, "data", "a local path or s3:// URI")
         require(isinstance(self.out, str) and self.out, "out", "a local path or s3:// URI")
-        if self.model not in available_models():
-            raise InvalidOption(
-                f"model: unknown model {self.model!r}; available: {', '.join(available_models())}"
-            )
+        check_model_options(self)
         patches = tuple(str(p) for p in self.patches)
         require(len(patches) > 0, "patch", "at least one patch size")
         object.__setattr__(self, "patches", tuple(str(PatchSize.parse(p)) for p in patches))
@@ -106,6 +114,11 @@ class RunConfig:
             alert_confidence=self.alert_confidence, vote=self.vote,
         ))
 
+    def preprocessing(self) -> Preprocessing:
+        """The preprocessing declared by ``--input-size`` ... ``--std`` (None fields: the
+        model's own)."""
+        return declared_preprocessing(self)
+
     def g_batch_size(self, device: str) -> int:
         """(image, mask) pairs per run of g on ``device``: ``batch_size``, or the library's
         default for the device (:func:`scalecert.certify.default_batch_size`)."""
@@ -134,6 +147,9 @@ class RunConfig:
             fields_["alert_confidence"] = self.alert_confidence
         if self.vote != "unanimous":
             fields_["vote"] = self.vote
+        for name in PREPROCESSING_OPTIONS:
+            if getattr(self, name) is not None:
+                fields_[name] = _jsonable(getattr(self, name))
         return fields_
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,8 +1,12 @@
 """The Ray driver: plan, manifest, a pool of shard workers, resume, retries, summary.
 
-1. Plan: list the dataset (sorted keys), apply ``--limit``, cut shards of ``--shard-size``.
-   The fingerprint hashes the result-relevant options, the checkpoint's sha256, the dataset's
-   keys and labels, and the package version; ``<out>/manifest.json`` is written first.
+1. Plan: load the model once (refusing a bad spec, checkpoint or layer before any image is
+   read), list the dataset (sorted keys), apply ``--limit``, cut shards of ``--shard-size``.
+   The fingerprint hashes the result-relevant options (the model spec and the declared
+   preprocessing among them), the checkpoint's sha256, the model file's or program's sha256,
+   the versions of the packages the spec imports, the resolved preprocessing of a user
+   model, the dataset's keys and labels, and the package version; ``<out>/manifest.json`` is
+   written first.
 2. Resume: a shard whose Parquet file exists with the same fingerprint is skipped; an output
    folder holding another fingerprint is refused before any work.
 3. Run: one actor per GPU (or CPU workers splitting the cores, ``workers x threads`` at most
@@ -25,7 +29,7 @@ from typing import Any, Callable
 import pyarrow as pa
 
 from pipeline.compute.cluster import cluster_resources, init_ray, worker_layout
-from pipeline.compute.models import load_stored_model
+from pipeline.compute.models import as_flag_message, load_stored_model, model_fingerprint_fields
 from pipeline.io import storage
 from pipeline.io.attack_rows import attack_part_location
 from pipeline.io.certificates import part_location, read_metadata, read_table
@@ -35,6 +39,8 @@ from pipeline.run.config import RunConfig
 from pipeline.run.worker import ShardSummary, ShardTask, ShardWorker, WorkerSettings
 from scalecert import __version__
 from scalecert.errors import InvalidOption, OutputConflict, Refusal, RunFailed
+from scalecert.methods.registry import method_info
+from scalecert.models import Preprocessing
 
 _CRASH_SHARD_ENV = "SCALECERT_TEST_CRASH_SHARD"  # tests: the first try at this shard kills its worker
 
@@ -55,6 +61,9 @@ class Plan:
     fingerprint: str
     attack: AttackOptions | None = None  # an attack run (`scalecert attack`), else certify
     num_classes: int | None = None  # the model's
+    preprocessing: Preprocessing | None = None  # resolved: how workers decode the images
+    source_sha256: str | None = None  # of the model's file or program (workers check it)
+    package_versions: dict[str, str | None] | None = None  # of the packages the spec imports
 
     @property
     def run_id(self) -> str:
@@ -75,6 +84,12 @@ class Plan:
                     "version": __version__, "config": self.run.to_dict(),
                     "checkpoint_sha256": self.checkpoint_sha256,
                     "patch_px": list(self.patch_pixels)}
+        if self.source_sha256 is not None:
+            metadata["source_sha256"] = self.source_sha256
+        if self.package_versions:
+            metadata["package_versions"] = dict(self.package_versions)
+        if self.preprocessing is not None:
+            metadata["preprocessing"] = self.preprocessing.declared()
         if self.attack is not None:
             metadata.update(job="attack", attack=self.attack.to_dict())
         return metadata
@@ -100,10 +115,15 @@ def make_plan(run: RunConfig, attack: AttackOptions | None = None) -> Plan:
     """List the data and fix everything the workers need, without starting Ray; ``attack``:
     the options of an attack run (they enter its fingerprint)."""
     s3 = storage.S3Options(endpoint=run.s3_endpoint)
-    try:  # the weights are checked here, before any shard: a bad checkpoint fails fast
-        model = load_stored_model(run.model, run.checkpoint, s3)
+    try:  # the model is checked here, before any shard: a bad spec or checkpoint fails fast
+        model = load_stored_model(run.model, run.checkpoint, s3,
+                                  preprocessing=run.preprocessing())
+        if any(method_info(method).pruned for method in run.methods):
+            model.split(run.layer)  # an unknown layer or a cut the model refuses
     except FileNotFoundError as exc:
-        raise InvalidOption(f"--checkpoint: {exc}") from None
+        raise InvalidOption(as_flag_message(exc, "--checkpoint")) from None
+    except InvalidOption as exc:
+        raise InvalidOption(as_flag_message(exc)) from exc
     image_side = model.input_size
     patch_pixels = run.patch_pixels(image_side)
     if len(set(patch_pixels)) != len(patch_pixels):
@@ -121,12 +141,14 @@ def make_plan(run: RunConfig, attack: AttackOptions | None = None) -> Plan:
     )
     listing = listing_sha256(records)
     fields = {"config": run.fingerprint_fields(), "checkpoint_sha256": checkpoint_sha,
-              "dataset": listing, "version": __version__, "patch_px": list(patch_pixels)}
+              "dataset": listing, "version": __version__, "patch_px": list(patch_pixels),
+              **model_fingerprint_fields(run.model, model)}
     if attack is not None:
         fields["attack"] = {"job": "attack", **attack.to_dict()}
     fingerprint = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
     return Plan(run, dataset, records, shards, image_side, patch_pixels, checkpoint_sha,
-                fingerprint, attack, model.num_classes)
+                fingerprint, attack, model.num_classes, model.preprocessing,
+                model.source_sha256, dict(model.package_versions))
 
 
 def prepare_output(plan: Plan) -> list[int]:
@@ -226,7 +248,8 @@ def execute(
     settings = WorkerSettings(
         run=run, run_id=plan.run_id, metadata=plan.metadata(), patch_pixels=plan.patch_pixels,
         image_side=plan.image_side, checkpoint_sha256=plan.checkpoint_sha256,
-        device=layout.device, threads=layout.threads,
+        device=layout.device, threads=layout.threads, preprocessing=plan.preprocessing,
+        source_sha256=plan.source_sha256, package_versions=plan.package_versions,
     )
     worker_class, worker_args = worker
     actor_class = ray.remote(worker_class).options(

@@ -38,6 +38,7 @@ from pipeline.io.sources import ImageRecord
 from pipeline.run.config import RunConfig
 from scalecert.certify import CertifierGroup, CertifyResult
 from scalecert.errors import Refusal
+from scalecert.models import Preprocessing
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,9 @@ class WorkerSettings:
     device: str = "cpu"
     threads: int = 1
     chunk_images: int = 256
+    preprocessing: Preprocessing | None = None  # the plan's, resolved (None: the model's own)
+    source_sha256: str | None = None  # the plan's model file or program: other bytes refused
+    package_versions: dict[str, str | None] | None = None  # the plan's: others refused
 
 
 @dataclass(frozen=True)
@@ -94,10 +98,13 @@ class ShardWorker:
         set_torch_threads(settings.threads)
         run = settings.run
         self.s3 = storage.S3Options(endpoint=run.s3_endpoint)
-        self.model = load_stored_model(run.model, run.checkpoint, self.s3,
-                                       expect_sha256=settings.checkpoint_sha256)
+        self.model = load_stored_model(
+            run.model, run.checkpoint, self.s3, expect_sha256=settings.checkpoint_sha256,
+            preprocessing=settings.preprocessing or run.preprocessing(),
+            expect_source_sha256=settings.source_sha256,
+            expect_package_versions=settings.package_versions)
         self.num_classes = self.model.num_classes
-        self.preprocess = Preprocess.for_input_size(settings.image_side)
+        self.preprocess = Preprocess.of(self.model.preprocessing)
         self.keys = [(patch_px, method) for patch_px in settings.patch_pixels
                      for method in run.methods]
         self.certifiers = CertifierGroup(

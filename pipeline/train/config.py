@@ -13,11 +13,16 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from pipeline.compute.models import (
+    PREPROCESSING_OPTIONS,
+    check_model_options,
+    declared_preprocessing,
+)
 from pipeline.options import PatchSize, as_flag_errors, load_yaml, positive_int, require
 from scalecert.config import CertConfig
 from scalecert.errors import InvalidOption
 from scalecert.methods.registry import available_methods
-from scalecert.models import available_models
+from scalecert.models import Preprocessing, parse_spec
 from scalecert.training import FinetuneConfig
 
 _LIBRARY = FinetuneConfig(cert=CertConfig(patch_px=1))  # the library's training defaults
@@ -36,6 +41,12 @@ class FinetuneRun:
     out: str
     patch: str
     checkpoint: str | None = None
+    # the model's preprocessing (scalecert.models.Preprocessing); None: the model's default
+    input_size: int | None = None
+    resize: int | None = None
+    interpolation: str | None = None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
     method: str = "scalecert"
     top_k: float = 0.15
     masks_per_axis: int = 6
@@ -62,11 +73,11 @@ class FinetuneRun:
         require(isinstance(self.data, str) and bool(self.data), "data",
                 "a local path or s3:// URI")
         require(isinstance(self.out, str) and bool(self.out), "out", "a local path or s3:// URI")
-        if self.model not in available_models():
-            raise InvalidOption(
-                f"--model: unknown model {self.model!r}; available: "
-                f"{', '.join(available_models())}"
-            )
+        check_model_options(self)
+        require(parse_spec(self.model).kind != "export", "model",
+                "a model that can train: an exported program (export:) is fixed in eval mode "
+                "when it is exported (batch norm statistics, dropout); fine-tune it through "
+                "file: or module: and export the result again")
         object.__setattr__(self, "patch", str(PatchSize.parse(self.patch)))
         require(self.method in available_methods(), "method",
                 f"one of {', '.join(available_methods())}, got "
@@ -92,6 +103,11 @@ class FinetuneRun:
                     and math.isfinite(value), name.replace("_", "-"), f"a number, got {value!r}")
         self.finetune_config(32)  # the library validates the rest and names the field
 
+    def preprocessing(self) -> Preprocessing:
+        """The preprocessing declared by ``--input-size`` ... ``--std`` (None fields: the
+        model's own)."""
+        return declared_preprocessing(self)
+
     def cert_config(self, image_side: int) -> CertConfig:
         """The certification setting trained for, on ``image_side`` x ``image_side`` inputs."""
         return as_flag_errors(lambda: CertConfig(
@@ -114,6 +130,8 @@ class FinetuneRun:
         skip = {"out", "workers", "device", "address", "s3_endpoint"}
         if self.objective == _LIBRARY.objective:
             skip.add("objective")  # absent when default: earlier runs keep resuming
+        # likewise the preprocessing, absent when not declared
+        skip.update(name for name in PREPROCESSING_OPTIONS if getattr(self, name) is None)
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
     def to_dict(self) -> dict[str, Any]:
@@ -129,6 +147,8 @@ class FinetuneRun:
             flag = "--" + item.name.replace("_", "-")
             if isinstance(value, bool):
                 words.append(flag if value else f"--no-{item.name.replace('_', '-')}")
+            elif isinstance(value, tuple):  # --mean R,G,B and --std R,G,B
+                words += [flag, ",".join(f"{v:g}" for v in value)]
             else:
                 words += [flag, str(value)]
         return " ".join(words)

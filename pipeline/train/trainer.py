@@ -6,9 +6,10 @@ Layout of ``<out>``:
   refused, the same one resumes).
 - ``ray-train/``: Ray Train's storage: one checkpoint per epoch (model, optimiser, schedule,
   metrics so far); rerunning the command resumes from the newest one.
-- ``<model>-<method>.pt`` and its JSON sidecar ``.pt.json``: the final weights (loadable by
-  ``scalecert certify --checkpoint``) with the options, the data fingerprint and the metrics of
-  every epoch.
+- ``<model>-<method>.pt`` and its JSON sidecar ``.pt.json``: the final weights (the model's
+  own state_dict keys, loadable by ``scalecert certify`` with the same ``--model`` spec and
+  ``--checkpoint``) with the options, the data fingerprint and the metrics of every epoch.
+  ``<model>`` is the spec's short name (``net-make`` for ``file:models/net.py:make``).
 
 Each worker decodes its own slice of the training images (``records[rank::world]``) through
 the same storage and decoding code as ``certify``, once, into memory as uint8: this suits
@@ -44,7 +45,7 @@ from pipeline.compute.cluster import (
     set_torch_threads,
     worker_layout,
 )
-from pipeline.compute.models import load_stored_model
+from pipeline.compute.models import load_stored_model, model_fingerprint_fields
 from pipeline.io import storage
 from pipeline.io.images import Preprocess, read_labelled
 from pipeline.io.sources import Dataset, ImageRecord, listing_sha256, open_dataset
@@ -52,8 +53,8 @@ from pipeline.train.config import FinetuneRun
 from scalecert import __version__
 from scalecert.certify import Certifier
 from scalecert.errors import InvalidOption, OutputConflict, RunFailed
-from scalecert.models.base import StagedClassifier
-from scalecert.models.registry import create_model, save_checkpoint
+from scalecert.models import Preprocessing, parse_spec
+from scalecert.models.registry import save_checkpoint
 from scalecert.training import (
     DefendedForward,
     sgd_with_cosine_schedule,
@@ -93,6 +94,9 @@ class TrainJob:
     image_side: int
     threads: int
     start_sha256: str | None = None  # the start checkpoint's, as fingerprinted: workers check it
+    preprocessing: Preprocessing | None = None  # the model's, resolved by the driver
+    source_sha256: str | None = None  # the model file's, as fingerprinted: workers check it
+    package_versions: dict[str, str | None] | None = None  # as fingerprinted: workers check
     progress: Any = None  # a ray.util.queue.Queue for the driver's progress bar, or None
     fail_after_epoch: int | None = None  # tests: fail once this epoch's checkpoint is saved
 
@@ -111,7 +115,7 @@ class FinetuneSummary:
 
 
 def final_checkpoint_location(run: FinetuneRun) -> str:
-    return storage.join(run.out, f"{run.model}-{run.method}.pt")
+    return storage.join(run.out, f"{parse_spec(run.model).slug}-{run.method}.pt")
 
 
 def load_slice(
@@ -155,7 +159,7 @@ def _to_inputs(images: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def evaluate(
-    model: StagedClassifier, run: FinetuneRun, images: torch.Tensor, labels: torch.Tensor,
+    model: torch.nn.Module, run: FinetuneRun, images: torch.Tensor, labels: torch.Tensor,
     device: torch.device,
 ) -> dict[str, float]:
     """On held-out images: accuracy of the defended forward pass with no mask (M(x), the
@@ -189,8 +193,11 @@ def train_worker(payload: dict[str, Any]) -> None:
     set_torch_threads(job.threads)
     device = ray.train.torch.get_device()
     s3 = storage.S3Options(endpoint=run.s3_endpoint)
-    model = load_stored_model(run.model, run.checkpoint, s3, expect_sha256=job.start_sha256)
-    preprocess = Preprocess.for_input_size(job.image_side)
+    model = load_stored_model(run.model, run.checkpoint, s3, expect_sha256=job.start_sha256,
+                              preprocessing=job.preprocessing or run.preprocessing(),
+                              expect_source_sha256=job.source_sha256,
+                              expect_package_versions=job.package_versions)
+    preprocess = Preprocess.of(model.preprocessing)
     settings = run.finetune_config(job.image_side)
     cert = settings.cert
 
@@ -280,9 +287,13 @@ def train_worker(payload: dict[str, Any]) -> None:
             raise RuntimeError(f"{_FAIL_AFTER_EPOCH_ENV}={epoch}: stopping as asked (tests)")
 
 
-def _manifest(run: FinetuneRun, dataset: Dataset, start_sha256: str | None) -> dict[str, Any]:
-    fields = {"options": run.fingerprint_fields(), "start_checkpoint_sha256": start_sha256,
-              "listing_sha256": listing_sha256(dataset.records), "version": __version__}
+def _manifest(run: FinetuneRun, dataset: Dataset, start: torch.nn.Module) -> dict[str, Any]:
+    """The run's fingerprint fields (options, start weights, model file or packages, the
+    listing, the version) and what it trains on; the fingerprint names the run."""
+    fields = {"options": run.fingerprint_fields(),
+              "start_checkpoint_sha256": getattr(start, "checkpoint_sha256", None),
+              "listing_sha256": listing_sha256(dataset.records), "version": __version__,
+              **model_fingerprint_fields(run.model, start)}
     fingerprint = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
     return {"schema": MANIFEST_SCHEMA, "fingerprint": fingerprint, **fields,
             "classes": list(dataset.classes), "images": len(dataset.records)}
@@ -333,16 +344,19 @@ def _layout(run: FinetuneRun) -> tuple[int, float, bool]:
 
 
 def _final_model(
-    run: FinetuneRun, checkpoint: Any, num_classes: int
-) -> tuple[StagedClassifier, list[dict]]:
+    run: FinetuneRun, checkpoint: Any, job: TrainJob, num_classes: int, s3: storage.S3Options,
+) -> tuple[torch.nn.Module, list[dict]]:
+    """The last epoch's weights in a fresh model of the same spec (the same file, checked)."""
     with checkpoint.as_directory() as folder:
         state = torch.load(Path(folder) / "state.pt", map_location="cpu", weights_only=True)
-    model = create_model(run.model, num_classes)
+    model = load_stored_model(run.model, None, s3, preprocessing=job.preprocessing,
+                              num_classes=num_classes, expect_source_sha256=job.source_sha256,
+                              expect_package_versions=job.package_versions)
     model.load_state_dict(state["model"])
     return model.eval(), json.loads(state["history"])
 
 
-def _write_final(run: FinetuneRun, model: StagedClassifier, sidecar: dict[str, Any],
+def _write_final(run: FinetuneRun, model: torch.nn.Module, sidecar: dict[str, Any],
                  s3: storage.S3Options) -> tuple[str, str]:
     location = final_checkpoint_location(run)
     if not storage.is_s3(location):
@@ -380,7 +394,8 @@ def run_finetune(
     # Ray Train workers run in their own folders: every local path must be absolute
     run = replace(run, data=storage.normalise(run.data), out=storage.normalise(run.out),
                   checkpoint=run.checkpoint and storage.normalise(run.checkpoint),
-                  eval_data=run.eval_data and storage.normalise(run.eval_data))
+                  eval_data=run.eval_data and storage.normalise(run.eval_data),
+                  model=parse_spec(run.model).with_absolute_path().text)
     s3 = storage.S3Options(endpoint=run.s3_endpoint)
     dataset = open_dataset(run.data, s3)
     records = dataset.records[:run.limit]
@@ -388,13 +403,14 @@ def run_finetune(
     eval_records: tuple[ImageRecord, ...] = ()
     if run.eval_data is not None:
         eval_records = open_dataset(run.eval_data, s3).records[:run.eval_limit]
-    start = load_stored_model(run.model, run.checkpoint, s3)  # refuses bad weights before work
+    # refuses a bad spec or bad weights before work
+    start = load_stored_model(run.model, run.checkpoint, s3, preprocessing=run.preprocessing())
     image_side = start.input_size
     if len(dataset.classes) > start.num_classes:
         raise InvalidOption(f"--data: {len(dataset.classes)} classes but model {run.model} has "
                          f"{start.num_classes} outputs")
     run.finetune_config(image_side)
-    manifest = _manifest(run, dataset, getattr(start, "checkpoint_sha256", None))
+    manifest = _manifest(run, dataset, start)
     if check_output(run, manifest, s3):
         location = final_checkpoint_location(run)
         sidecar = json.loads(storage.read_text(location + ".json", s3))
@@ -417,7 +433,9 @@ def run_finetune(
         progress = Queue(actor_options={"num_cpus": 0}) if on_event is not None else None
         job = TrainJob(run=run, records=records, eval_records=eval_records,
                        image_side=image_side, threads=int(cpus),
-                       start_sha256=manifest["start_checkpoint_sha256"], progress=progress,
+                       start_sha256=manifest["start_checkpoint_sha256"],
+                       preprocessing=start.preprocessing, source_sha256=start.source_sha256,
+                       package_versions=dict(start.package_versions), progress=progress,
                        fail_after_epoch=_fail_after_epoch())
         storage_path, filesystem = _ray_storage(run, s3)
         trainer = TorchTrainer(
@@ -436,7 +454,7 @@ def run_finetune(
             ray.shutdown()
     if result.checkpoint is None:
         raise RunFailed(f"{run.out}: training ended without a checkpoint")
-    model, history = _final_model(run, result.checkpoint, start.num_classes)
+    model, history = _final_model(run, result.checkpoint, job, start.num_classes, s3)
     metrics = result.metrics or {}
     skipped = json.loads(metrics.get("skipped", "{}"))
     sidecar = {
@@ -447,6 +465,9 @@ def run_finetune(
         "run_fingerprint": manifest["fingerprint"],
         "start_checkpoint": {"location": run.checkpoint,
                              "sha256": manifest["start_checkpoint_sha256"]},
+        "model_source_sha256": start.source_sha256,
+        "package_versions": dict(start.package_versions),
+        "preprocessing": start.preprocessing.declared(),
         "data": {"source": run.data, "listed": len(records), "usable": metrics.get("usable"),
                  "skipped": skipped, "fingerprint": metrics.get("data_fingerprint")},
         "eval_data": ({"source": run.eval_data, "images": len(eval_records)}
