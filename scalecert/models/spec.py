@@ -21,6 +21,7 @@ spec.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib
 import importlib.metadata
@@ -177,8 +178,10 @@ class BuiltModule:
     ``source_sha256``: of the file or program bytes it was built from (``file:``,
     ``export:``; for ``module:``, the imported module's file when its package is no installed
     distribution, whose version would say nothing). ``package_versions``: the installed
-    versions of the top-level packages a ``module:``, ``torchvision:`` or ``timm:`` spec
-    imports (None: not an installed distribution). ``defaults``: the preprocessing the
+    versions of the top-level packages the spec imports: the package of a ``module:`` path
+    (None: not an installed distribution), ``torchvision`` or ``timm``, and the installed
+    distributions that the ``file:`` or ``module:`` source's own import statements name (a
+    factory file that loads weights shipped in a package records that package's version). ``defaults``: the preprocessing the
     architecture states (timm's ``pretrained_cfg``, torchvision's weights), else None.
     ``input_size``: the side an exported program was traced at, when fixed.
     """
@@ -206,7 +209,7 @@ def build_module(
         assert data is not None and spec.path is not None
         module = _exec_file(spec, Path(spec.path), data)
         return BuiltModule(_call(spec, _attribute(spec, module, f"{spec.path} defines")),
-                           hashlib.sha256(data).hexdigest())
+                           hashlib.sha256(data).hexdigest(), _imported_versions(data))
     if spec.kind == "module":
         return _from_module(spec)
     if spec.kind == "export":
@@ -321,6 +324,24 @@ def _distribution_version(package: str) -> str | None:
     return None
 
 
+def _imported_versions(source: bytes) -> dict[str, str]:
+    """Installed versions of the non-standard top-level packages that ``source``'s import
+    statements name (relative imports and uninstalled names are left out), sorted by name."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return {}
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    names -= set(sys.stdlib_module_names) | {"__future__", "scalecert"}
+    versions = {name: _distribution_version(name) for name in sorted(names)}
+    return {name: version for name, version in versions.items() if version is not None}
+
+
 def _import(spec: ModelSpec, name: str) -> types.ModuleType:
     """``import name`` for ``spec``: a missing module or dependency is refused, naming it."""
     try:
@@ -352,10 +373,13 @@ def _from_module(spec: ModelSpec) -> BuiltModule:
     module = _call(spec, _attribute(spec, imported, f"module {spec.target} has"))
     top = spec.target.split(".")[0]
     version = _distribution_version(top)
-    source_sha256 = None
-    if version is None and getattr(imported, "__file__", None):
-        source_sha256 = hashlib.sha256(Path(imported.__file__).read_bytes()).hexdigest()
-    return BuiltModule(module, source_sha256, {top: version})
+    source_sha256, versions = None, {}
+    if getattr(imported, "__file__", None) and str(imported.__file__).endswith(".py"):
+        source = Path(imported.__file__).read_bytes()
+        versions = _imported_versions(source)
+        if version is None:
+            source_sha256 = hashlib.sha256(source).hexdigest()
+    return BuiltModule(module, source_sha256, {**versions, top: version})
 
 
 def _from_program(spec: ModelSpec, data: bytes) -> BuiltModule:
