@@ -43,7 +43,7 @@ _MODEL_OPTIONS = (
                  "s3://), torchvision:NAME or timm:NAME."),
     click.option("--input-size", type=int,
                  help="Square side the model takes, in px (required for file:, module: and "
-                      "export: models; built-ins and timm: know theirs)."),
+                      "export: models; built-ins, timm: and torchvision: know theirs)."),
     click.option("--resize", type=int,
                  help="Resize the short side to this many px, then centre-crop --input-size "
                       "(default: no resize; images must already be input-size square)."),
