@@ -30,10 +30,12 @@ from scalecert import CertConfig, Certifier, load_model
 from scalecert.errors import InvalidOption
 from scalecert.geometry import Footprints, Window
 from scalecert.models.cifar_resnet import CIFAR_MEAN, CIFAR_STD
+from scalecert.models import Preprocessing
 from scalecert.models.graph import GraphClassifier
 from scalecert.occlusion import SinPredictor
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+THIRD_PARTY = Path(__file__).resolve().parent / "thirdparty_resnet.py"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # the library's ResNet-20 layer -> the same place in the third-party graph (fx node names)
@@ -91,25 +93,33 @@ def test_the_graph_finds_the_builtin_layers_with_the_same_footprints(
     ("masking", "cifar10-resnet20-masking-ww-2.4.pt", 0.15),
 ])
 def test_same_weights_give_the_same_certificates_through_any_door(
-    cifar_images, method, checkpoint, top_k
+    cifar_images, tmp_path, method, checkpoint, top_k
 ) -> None:
-    """The committed fine-tuned weights (the library's key names are the third-party file's)."""
+    """The committed fine-tuned weights through the built-in name, and through ``file:``,
+    ``module:`` and ``export:`` specs of the third-party ResNet-20 (whose key names are the
+    library's): the same certificates, image for image."""
     images, labels = cifar_images
     path = REPO_ROOT / "models" / checkpoint
     config = CertConfig(patch_px=5, top_k=top_k, method=method)
     reference = Certifier(load_model("cifar_resnet20", checkpoint=path), config).certify(
         images, labels)
     assert 0 < int(reference.certified.sum()) < len(labels)  # the comparison means something
+    declared = Preprocessing(input_size=32, mean=CIFAR_MEAN, std=CIFAR_STD)
     network = resnet20()
     network.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    program = torch.export.export(network.eval(), (images[:2],),
-                                  dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
-    for name, module in (("file:", network), ("export:", program.module())):
-        model = GraphClassifier(module, name=name, input_size=32, mean=CIFAR_MEAN, std=CIFAR_STD)
+    program = tmp_path / "resnet20.pt2"
+    torch.export.save(torch.export.export(
+        network.eval(), (images[:2],), dynamic_shapes={"x": {0: torch.export.Dim("batch")}}),
+        program)
+    doors = {f"file:{THIRD_PARTY}:resnet20": path, "module:thirdparty_resnet:resnet20": path,
+             f"export:{program}": None}
+    for spec, weights in doors.items():
+        model = load_model(spec, checkpoint=weights, preprocessing=declared)
+        assert isinstance(model, GraphClassifier)
         result = Certifier(model, config).certify(images, labels)
         for field in CERTIFICATE_FIELDS:
             assert getattr(result, field).tolist() == getattr(reference, field).tolist(), (
-                name, field)
+                spec, field)
 
 
 @pytest.mark.parametrize("layer", ["relu", "relu_6"])
