@@ -292,10 +292,7 @@ def load_model(
     model.source_sha256 = built.source_sha256
     model.package_versions = dict(built.package_versions)
     model.preprocessing = resolved
-    try:
-        return model.eval()
-    except NotImplementedError:  # an exported program's module: eval mode fixed at export
-        return model
+    return model.eval()  # an exported program stays as exported (GraphClassifier.train)
 
 
 def _classes_in(module: nn.Module, state: Mapping[str, torch.Tensor]) -> int | None:
