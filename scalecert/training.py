@@ -277,7 +277,8 @@ def finetune(
     cert = config.cert
     device = torch.device(device)
     model.to(device, memory_format=torch.channels_last).train()
-    model.split(cert.layer)  # refuse an unknown layer before any work
+    if cert.layer is not None:  # refuse an unknown layer before any work
+        model.split(cert.layer)
     forward = DefendedForward(model, cert)
     boxes = training_windows(cert, tuple(images.shape[2:]))
     generator = torch.Generator().manual_seed(config.seed)

@@ -281,3 +281,47 @@ def test_efficientnet_lite0_certifies_real_photos(efficientnet, shared_dir) -> N
         assert all(not c or o == y for c, o, y in zip(result.certified.tolist(),
                                                       result.clean_output.tolist(),
                                                       labels.tolist()))
+
+
+def test_masking_and_patchcleanser_need_no_split() -> None:
+    """A model with no allowed cut (global pooling before its first ReLU) still certifies with
+    the pixel-occluding methods; scalecert is refused, naming why."""
+    model = GraphClassifier(PooledStem(), name="pooled", input_size=16)
+    images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        labels = model(images).argmax(dim=1)
+    for method in ("masking", "patchcleanser"):
+        result = Certifier(model, CertConfig(patch_px=3, masks_per_axis=3, method=method)
+                           ).certify(images, labels)
+        assert result.prediction.tolist() == labels.tolist()
+    with pytest.raises(InvalidOption, match="no node is a spatial, non-negative output"):
+        Certifier(model, CertConfig(patch_px=3, masks_per_axis=3, method="scalecert"))
+
+
+def test_a_user_model_fine_tunes_and_its_weights_load_back_through_the_spec(
+    cifar_images, tmp_path
+) -> None:
+    """scalecert's worst-window objective in train mode (batch statistics) on the traced
+    graph, then the saved state_dict (the module's own keys) loads back into the same spec."""
+    from scalecert.models import save_checkpoint
+    from scalecert.training import FinetuneConfig, finetune
+
+    images, labels = cifar_images
+    declared = Preprocessing(input_size=32, mean=CIFAR_MEAN, std=CIFAR_STD)
+    spec = f"file:{THIRD_PARTY}:resnet20"
+    model = load_model(spec, checkpoint=REPO_ROOT / "models" / "cifar10-resnet20-scalecert-2.4.pt",
+                       preprocessing=declared)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cert = CertConfig(patch_px=5, top_k=0.5, masks_per_axis=3)
+    history = finetune(model, images[:16], labels[:16], FinetuneConfig(
+        cert=cert, epochs=1, batch_size=8, objective="worst-window"))
+    assert len(history) == 1 and not model.training
+    state = model.state_dict()
+    assert set(state) == set(before) and "conv1.weight" in state  # the module's own keys
+    assert any(not torch.equal(state[k], before[k]) for k in before)
+    path = tmp_path / "tuned.pt"
+    save_checkpoint(model, path)
+    again = load_model(spec, checkpoint=path, preprocessing=declared)
+    assert all(torch.equal(again.state_dict()[k], state[k].cpu()) for k in state)
+    with torch.no_grad():  # (channels_last after training: other conv kernels, same values)
+        assert torch.allclose(again(images[:4]), model(images[:4]), atol=1e-5)

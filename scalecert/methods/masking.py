@@ -14,7 +14,8 @@ from scalecert.models.base import StagedClassifier
 
 def predictor(model: StagedClassifier, config: CertConfig) -> OcclusionPredictor:
     """F(x, m) for certification: the whole model on occluded pixels."""
-    model.split(config.layer)  # an unknown layer is refused for every method
+    if config.layer is not None:  # a layer named for every method must exist; no split needed
+        model.split(config.layer)
     return OcclusionPredictor(model, config.occlusion_value)
 
 

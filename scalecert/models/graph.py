@@ -534,9 +534,7 @@ class GraphClassifier(nn.Module):
             window = _module_window(module)
             if window is not None:
                 return window
-            if isinstance(module, _POINTWISE_MODULES):
-                if isinstance(module, nn.BatchNorm2d) and module.training:
-                    raise refuse("batch norm in training mode")
+            if isinstance(module, _POINTWISE_MODULES):  # batch norm: as certified, in eval mode
                 return None
             raise refuse(f"module {type(module).__name__}")
         if name in ("conv2d", "convolution", "_convolution"):
@@ -638,6 +636,15 @@ class GraphClassifier(nn.Module):
     # -- checks when a layer is first used -------------------------------------------------
 
     def _check_split(self, split: Split) -> None:
+        """The probes, in eval mode (as certification runs; fine-tuning splits in train mode)."""
+        training = self.training
+        self.train(False)
+        try:
+            self._check_split_in_eval_mode(split)
+        finally:
+            self.train(training)
+
+    def _check_split_in_eval_mode(self, split: Split) -> None:
         images = self._probe_images(2, seed=_PROBE_SEED + 1).to(self._device())
         with torch.no_grad():
             features = split.stem(images)
