@@ -276,6 +276,42 @@ def test_finetune_fingerprint_covers_the_file(tmp_path: Path, model_file: Path,
     assert second["fingerprint"] != first["fingerprint"]
 
 
+def test_export_program_and_checkpoint_from_s3(s3_env: str, s3_server, tmp_path: Path,
+                                               model_file: Path) -> None:
+    import boto3
+
+    from pipeline.compute.models import load_stored_model
+    from pipeline.io.storage import S3Options
+
+    net = load_model(f"file:{model_file}:make", preprocessing=Preprocessing(SIDE)).network.eval()
+    program = tmp_path / "net.pt2"
+    torch.export.save(torch.export.export(net, (torch.rand(2, 3, SIDE, SIDE),), dynamic_shapes={
+        "x": {0: torch.export.Dim("batch")}}), program)
+    weights = tmp_path / "net.pt"
+    torch.save(net.state_dict(), weights)
+    client = boto3.client("s3", endpoint_url=s3_server.endpoint, region_name="us-east-1")
+    client.put_object(Bucket=s3_env, Key="models/net.pt2", Body=program.read_bytes())
+    client.put_object(Bucket=s3_env, Key="models/net.pt", Body=weights.read_bytes())
+    s3 = S3Options(endpoint=s3_server.endpoint)
+    spec = f"export:s3://{s3_env}/models/net.pt2"
+    declared = Preprocessing(SIDE, mean=(0.5,) * 3, std=(0.25,) * 3)
+    model = load_stored_model(spec, f"s3://{s3_env}/models/net.pt", s3, preprocessing=declared)
+    assert model.name == spec and model.num_classes == 3
+    planned = model.source_sha256
+    x = torch.rand(2, 3, SIDE, SIDE)
+    with torch.no_grad():
+        assert torch.allclose(model(x), net((x - 0.5) / 0.25), atol=1e-6)
+
+    client.put_object(Bucket=s3_env, Key="models/net.pt2", Body=program.read_bytes() + b" ")
+    with pytest.raises(ModelChanged, match=rf"^model: s3://{s3_env}/models/net\.pt2 changed "
+                                           rf"since the run was planned.*{planned}"):
+        load_stored_model(spec, None, s3, preprocessing=declared, expect_source_sha256=planned)
+    with pytest.raises(FileNotFoundError, match=rf"^model: s3://{s3_env}/models/gone\.pt2: no "
+                                                r"such file"):
+        load_stored_model(f"export:s3://{s3_env}/models/gone.pt2", None, s3,
+                          preprocessing=declared)
+
+
 # -- images ----------------------------------------------------------------------------------
 
 
