@@ -95,6 +95,20 @@ def _pair(value: int | Sequence[int]) -> tuple[int, int]:
     return int(first), int(second)
 
 
+def conv_padding(
+    padding: str | int | Sequence[int], kernel: tuple[int, int], dilation: tuple[int, int]
+) -> tuple[int, int]:
+    """A convolution's leading padding per axis; ``"valid"`` and ``"same"`` (stride 1) as
+    torch pads them (``same`` puts the odd pixel at the end)."""
+    if padding == "valid":
+        return 0, 0
+    if padding == "same":
+        return tuple(dilation[a] * (kernel[a] - 1) // 2 for a in range(2))  # type: ignore[return-value]
+    if isinstance(padding, str):
+        raise InvalidOption(f"convolution padding {padding!r}: expected valid, same or numbers")
+    return _pair(padding)
+
+
 def geometry_of(module: nn.Module) -> Geometry:
     """Derive the geometry of ``module`` from its layers' own hyper-parameters.
 
@@ -104,12 +118,9 @@ def geometry_of(module: nn.Module) -> Geometry:
     if isinstance(module, HasGeometry):
         return module.geometry()
     if isinstance(module, nn.Conv2d):
-        if isinstance(module.padding, str):
-            raise InvalidOption(f"string padding {module.padding!r} is not supported in a stem")
-        return Window(
-            _pair(module.kernel_size), _pair(module.stride), _pair(module.padding),
-            _pair(module.dilation),
-        )
+        kernel, dilation = _pair(module.kernel_size), _pair(module.dilation)
+        return Window(kernel, _pair(module.stride), conv_padding(module.padding, kernel, dilation),
+                      dilation)
     if isinstance(module, nn.MaxPool2d):
         return Window(
             _pair(module.kernel_size), _pair(module.stride or module.kernel_size),
@@ -120,6 +131,9 @@ def geometry_of(module: nn.Module) -> Geometry:
             _pair(module.kernel_size), _pair(module.stride or module.kernel_size),
             _pair(module.padding),
         )
+    if isinstance(module, (nn.ZeroPad2d, nn.ConstantPad2d)):
+        left, _, top, _ = module.padding  # output position j reads input j - leading pad
+        return Window((1, 1), (1, 1), (top, left))
     if isinstance(module, nn.Sequential):
         return Chain(tuple(geometry_of(child) for child in module))
     if isinstance(module, _POINTWISE) or getattr(module, "is_pointwise", False):

@@ -39,7 +39,7 @@ import torch
 from torch import fx, nn
 
 from scalecert.errors import InvalidOption
-from scalecert.geometry import Footprints, Span, Window
+from scalecert.geometry import Footprints, Span, Window, conv_padding, geometry_of
 from scalecert.models.base import Normalize, Split
 
 TOLERANCE = 1e-5  # rtol and atol of the split's logits against the model's on probe images
@@ -176,10 +176,7 @@ def _conv_window(args: tuple, kwargs: dict) -> Window:
     padding = _arg(args, kwargs, 4, "padding", 0)
     dilation = _pair(_arg(args, kwargs, 5, "dilation", 1))
     kernel = (int(weight.shape[-2]), int(weight.shape[-1]))
-    if isinstance(padding, str):  # "valid" or "same" (stride 1): as torch pads
-        padding = (0, 0) if padding == "valid" else tuple(
-            dilation[a] * (kernel[a] - 1) // 2 for a in range(2))
-    return Window(kernel, stride, _pair(padding), dilation)
+    return Window(kernel, stride, conv_padding(padding, kernel, dilation), dilation)
 
 
 def _pool_window(args: tuple, kwargs: dict, dilated: bool) -> Window:
@@ -192,25 +189,7 @@ def _pool_window(args: tuple, kwargs: dict, dilated: bool) -> Window:
     return Window(kernel, stride, padding, dilation)
 
 
-def _module_window(module: nn.Module) -> Window | None:
-    """The window of a sliding-window module, None for another kind."""
-    if isinstance(module, nn.Conv2d):
-        padding = module.padding
-        if isinstance(padding, str):
-            padding = (0, 0) if padding == "valid" else tuple(
-                module.dilation[a] * (module.kernel_size[a] - 1) // 2 for a in range(2))
-        return Window(_pair(module.kernel_size), _pair(module.stride), _pair(padding),
-                      _pair(module.dilation))
-    if isinstance(module, nn.MaxPool2d):
-        return Window(_pair(module.kernel_size), _pair(module.stride or module.kernel_size),
-                      _pair(module.padding), _pair(module.dilation))
-    if isinstance(module, nn.AvgPool2d):
-        return Window(_pair(module.kernel_size), _pair(module.stride or module.kernel_size),
-                      _pair(module.padding))
-    if isinstance(module, (nn.ZeroPad2d, nn.ConstantPad2d)):
-        left, _, top, _ = module.padding
-        return Window((1, 1), (1, 1), (top, left))
-    return None
+_WINDOW_MODULES = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.ZeroPad2d, nn.ConstantPad2d)
 
 
 def _slice_window(index: Any, rank: int) -> Window | None:
@@ -531,9 +510,8 @@ class GraphClassifier(nn.Module):
 
         if node.op == "call_module":
             module = self.network.get_submodule(str(node.target))
-            window = _module_window(module)
-            if window is not None:
-                return window
+            if isinstance(module, _WINDOW_MODULES):
+                return geometry_of(module)  # type: ignore[return-value]
             if isinstance(module, _POINTWISE_MODULES):  # batch norm: as certified, in eval mode
                 return None
             raise refuse(f"module {type(module).__name__}")
