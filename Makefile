@@ -22,7 +22,7 @@ unexport PYTHONDONTWRITEBYTECODE
 # Files tests keep for people to look at (the report screenshot): git-ignored.
 export SCALECERT_TEST_ARTIFACTS ?= $(CURDIR)/test-artifacts
 
-.PHONY: install test demo bench reproduce-cifar clean
+.PHONY: install test demo bench reproduce-cifar reproduce-imagenet clean
 
 install: $(INSTALLED)
 
@@ -46,6 +46,11 @@ bench: $(INSTALLED)
 # Fine-tune and certify CIFAR-10 as in docs/REPRODUCTION.md (hours on a CPU; resumable).
 reproduce-cifar: $(INSTALLED)
 	bash bench/reproduce_cifar.sh
+
+# Certify EfficientNet-Lite0 on the 220 ImageNet photos of ../shared as in docs/REPRODUCTION.md
+# (about 20 minutes on 2 quiet cores; resumable).
+reproduce-imagenet: $(INSTALLED)
+	bash bench/reproduce_imagenet.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
