@@ -23,7 +23,7 @@ them. E.g. EfficientNet-Lite0 on the ImageNet sample (``--limit-images`` and
     python bench/harness.py --model file:examples/efficientnet_lite0.py:build --input-size 224 \
         --resize 256 --interpolation bicubic --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 \
         --patch 2% --data DIR --synsets synsets.txt --images 40 --shard-size 10 \
-        --limit-batches --limit-images 128 --warmup-images 2
+        --limit-batches --limit-images 64 --warmup-images 1
 
 Refused before any work, with the reason: ``--checkpoint`` beside a per-method checkpoint, a
 built-in other than cifar_resnet20 without a checkpoint (random weights), ``--synsets`` without
@@ -428,7 +428,7 @@ def main() -> None:
                              f"builds; for {DEFAULT_MODEL} each method's recommended checkpoint)")
     parser.add_argument("--patch", default=DEFAULT_PATCH,
                         help="patch side in px (5) or share of the image area (2%%); default "
-                             f"{DEFAULT_PATCH}, 5 px on CIFAR's 32 px")
+                             f"{DEFAULT_PATCH.replace('%', '%%')}, 5 px on CIFAR's 32 px")
     parser.add_argument("--synsets",
                         help="ImageNet: the file of the 1000 synsets (sorted order = class "
                              "index) labelling --data's <synset>/<file> folders, as "
