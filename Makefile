@@ -48,7 +48,7 @@ reproduce-cifar: $(INSTALLED)
 	bash bench/reproduce_cifar.sh
 
 # Certify EfficientNet-Lite0 on the 220 ImageNet photos of ../shared as in docs/REPRODUCTION.md
-# (about 20 minutes on 2 quiet cores; resumable).
+# (about 40 minutes on 2 quiet cores; resumable).
 reproduce-imagenet: $(INSTALLED)
 	bash bench/reproduce_imagenet.sh
 
