@@ -54,7 +54,7 @@ _POINTWISE_OPS = frozenset({
     "div_", "neg", "abs", "pow", "sqrt", "rsqrt", "exp", "reciprocal",
     "batch_norm", "_native_batch_norm_legit_no_training", "dropout", "dropout_",
     "feature_dropout", "alpha_dropout", "clone", "contiguous", "to", "float", "type_as",
-    "detach", "alias", "_to_copy", "hardtanh_backward",
+    "detach", "alias", "_to_copy",
 })
 # the same as modules (eval mode: batch norm uses its running statistics)
 _POINTWISE_MODULES: tuple[type[nn.Module], ...] = (
