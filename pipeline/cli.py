@@ -81,7 +81,9 @@ _RUN_OPTIONS = (
     click.option("--top-k", type=float, help="Share of superficial positions SIN pruning keeps (0.15)."),
     click.option("--masks-per-axis", type=int, help="Masks per image axis (6: 36 masks)."),
     click.option("--r", type=int, help="Coverage r: each patch lies in an r x r block of masks (1)."),
-    click.option("--layer", help="Superficial layer to split at (default: after the first ReLU)."),
+    click.option("--layer", help="Superficial layer to split at: a built-in's stage, or a node "
+                 "or module path of a user model's graph (default: the first spatial, "
+                 "non-negative activation, after the first ReLU)."),
     click.option("--margin", type=float, help="Logit margin every certifying prediction needs (1e-3)."),
     click.option("--vote", type=click.Choice(["unanimous", "majority"]),
                  help="Detection rule for r >= 2: unanimous (default; Algorithm 1's block and "
@@ -287,7 +289,8 @@ def _attack_report(run: str, out_dir: str | None, s3: Any) -> None:
 @click.option("--top-k", type=float,
               help="Share of superficial positions SIN pruning keeps (0.15).")
 @click.option("--masks-per-axis", type=int, help="Masks per image axis of the detector (6).")
-@click.option("--layer", help="Superficial layer (default: after the first ReLU).")
+@click.option("--layer", help="Superficial layer: a built-in's stage, or a node or module path "
+              "of a user model's graph (default: the first spatial, non-negative activation).")
 @click.option("--images", type=int, help="Images, spread evenly over the listing (500).")
 @click.option("--count", type=int, help="Strongest superficial neurons per image (200).")
 @click.option("--alpha", "alphas", type=float, multiple=True,
@@ -344,7 +347,8 @@ def analyze_command(config_path: str | None, **options: Any) -> None:
 @click.option("--top-k", type=float, help="Share of superficial positions kept (0.15).")
 @click.option("--masks-per-axis", type=int, help="Mask family windows per axis (6).")
 @click.option("--r", type=int, help="Coverage r of the mask family (1).")
-@click.option("--layer", help="Superficial layer (default: after the first ReLU).")
+@click.option("--layer", help="Superficial layer: a built-in's stage, or a node or module path "
+              "of a user model's graph (default: the first spatial, non-negative activation).")
 @click.option("--epochs", type=int, help="Epochs (10).")
 @click.option("--batch-size", type=int, help="Global batch, split over the workers (128).")
 @click.option("--lr", type=float, help="Initial learning rate, cosine schedule (0.01).")
