@@ -31,7 +31,7 @@ ReLU, ReLU6, or a clamp at >= 0, or pooling/padding of such a value) where the c
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -284,31 +284,32 @@ class GraphClassifier(nn.Module):
         """Nodes where a cut is allowed, in graph order: spatial, non-negative, the head
         reading only them, and a stem whose receptive fields are bounded."""
         if self._candidates is None:
-            found = []
-            for node in self._graph.nodes:
-                if self._non_negative(node) and self._spatial(node):
-                    try:
-                        self._plan_cut(node)
-                    except InvalidOption:
-                        continue
-                    found.append(node.name)
-            self._candidates = tuple(found)
+            self._candidates = tuple(node.name for node, refusal in self._cuts()
+                                     if refusal is None)
         return self._candidates
 
     @property
     def default_layer(self) -> str:
         first_refusal: InvalidOption | None = None
-        for node in self._graph.nodes:  # the first allowed cut, without listing them all
+        for node, refusal in self._cuts():  # the first allowed cut, without listing them all
+            if refusal is None:
+                return node.name
+            first_refusal = first_refusal or refusal
+        why = f"; the first candidate is refused: {first_refusal}" if first_refusal else ""
+        raise InvalidOption(f"model {self.name}: no node is a spatial, non-negative output "
+                            f"where the graph can be cut{why}")
+
+    def _cuts(self) -> Iterator[tuple[fx.Node, InvalidOption | None]]:
+        """Every spatial, non-negative node in graph order, with the refusal of a cut after
+        it (None: allowed)."""
+        for node in self._graph.nodes:
             if self._non_negative(node) and self._spatial(node):
                 try:
                     self._plan_cut(node)
                 except InvalidOption as exc:
-                    first_refusal = first_refusal or exc
-                    continue
-                return node.name
-        why = f"; the first candidate is refused: {first_refusal}" if first_refusal else ""
-        raise InvalidOption(f"model {self.name}: no node is a spatial, non-negative output "
-                            f"where the graph can be cut{why}")
+                    yield node, exc
+                else:
+                    yield node, None
 
     def split(self, layer: str | None = None) -> Split:
         """Cut after ``layer`` (a node name, or a module path called once; default: the first

@@ -315,11 +315,9 @@ def _load_builtin(
     if checkpoint is not None:
         path = Path(checkpoint)
         state, sha256 = _read_state_dict(path, expect_sha256, location)
-        key = _final_linear_key(model)
-        if num_classes is None and key in state and state[key].ndim == 2:
-            inferred = int(state[key].shape[0])
-            if inferred != model.num_classes:
-                model = create_model(name, inferred)
+        inferred = _classes_in(model, state) if num_classes is None else None
+        if inferred is not None:
+            model = create_model(name, inferred)
         _check_keys(model, state, path)
         model.load_state_dict(state, strict=False)
         model.checkpoint_sha256 = sha256
