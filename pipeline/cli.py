@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from scalecert import __version__
+from scalecert.config import WINDOW_LAYOUTS
 from scalecert.errors import Refusal
 from scalecert.methods.registry import available_methods
 
@@ -89,6 +90,11 @@ _RUN_OPTIONS = (
                  help="Detection rule for r >= 2: unanimous (default; Algorithm 1's block and "
                       "majority rules) or majority (every r x r block's strict majority must be "
                       "M(x); certificates need a strict majority for the label in every block)."),
+    click.option("--window-layout", type=click.Choice(WINDOW_LAYOUTS),
+                 help="Mask windows per axis: clipped (default; the last window clipped to the "
+                      "image) or patchcleanser (r = 1: the reference PatchCleanser's, the last "
+                      "window shifted inward at full size; use it to compare with published "
+                      "PatchCleanser and Minority Reports figures)."),
     click.option("--alert-confidence", type=float,
                  help="TAU in (0, 1): detection alerts only on a window that disagrees with "
                       "softmax confidence >= TAU, and certificates need every window at >= TAU "

@@ -238,6 +238,7 @@ class Certifier:
         return MaskFamily.build(
             (height, height if width is None else width), cfg.patch_px, cfg.r,
             mask_stride=cfg.mask_stride, masks_per_axis=cfg.masks_per_axis,
+            layout=cfg.window_layout,
         )
 
     def mask_boxes(self, height: int, width: int | None = None) -> torch.Tensor:

@@ -12,6 +12,10 @@ from scalecert.methods.registry import method_info
 
 DEFAULT_MASKS_PER_AXIS = 6
 VOTES = ("unanimous", "majority")
+# where the mask windows of an axis lie (scalecert.masks): "clipped" ends the last window at the
+# image's edge; "patchcleanser" shifts it inward at full size, as the reference PatchCleanser does
+WINDOW_LAYOUTS = ("clipped", "patchcleanser")
+DEFAULT_WINDOW_LAYOUT = "clipped"
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,11 @@ class CertConfig:
         methods): detection alerts unless the strict majority of every r x r block of windows
         is M(z); certified(x, y) needs M(x) = y and, in every block, a strict majority of
         windows predicting y with the margin.
+    window_layout: "clipped" (default: windows of side p + r*s - 1, the last ones clipped to
+        the image) or "patchcleanser" (r = 1: the reference PatchCleanser's layout, the last
+        window shifted inward at full size; published PatchCleanser and Minority Reports
+        figures use it). Both cover every patch position (docs/DESIGN-NOTES.md). It enters
+        the dict and the fingerprint only when not the default, so earlier runs keep theirs.
     """
 
     patch_px: int
@@ -54,6 +63,7 @@ class CertConfig:
     occlusion_value: float = 0.0
     alert_confidence: float | None = None
     vote: str = "unanimous"
+    window_layout: str = DEFAULT_WINDOW_LAYOUT
 
     def __post_init__(self) -> None:
         _check_int("patch_px", self.patch_px, minimum=1)
@@ -101,6 +111,11 @@ class CertConfig:
             if self.r < 2:
                 raise InvalidOption("vote: majority needs r >= 2 (a block of r x r windows "
                                     f"votes), got r = {self.r}")
+        if self.window_layout not in WINDOW_LAYOUTS:
+            raise InvalidOption(f"window_layout: one of {', '.join(WINDOW_LAYOUTS)}, "
+                                f"got {self.window_layout!r}")
+        if self.window_layout == "patchcleanser" and self.r != 1:
+            raise InvalidOption(f"window_layout: patchcleanser needs r = 1, got r = {self.r}")
 
     @property
     def certificate_confidence(self) -> float | None:
@@ -112,7 +127,12 @@ class CertConfig:
         return self.alert_confidence + self.margin / 2
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        values = asdict(self)
+        # the default layout is left out, so configs (and fingerprints) from before it existed
+        # are unchanged; from_dict fills it back in
+        if values["window_layout"] == DEFAULT_WINDOW_LAYOUT:
+            del values["window_layout"]
+        return values
 
     def to_json(self) -> str:
         """Canonical JSON (sorted keys): stable input for run fingerprints."""

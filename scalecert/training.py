@@ -180,7 +180,8 @@ def worst_windows(
 def training_windows(cert: CertConfig, image_hw: tuple[int, int]) -> torch.Tensor:
     """The windows training samples from: the certification mask family's boxes."""
     return MaskFamily.build(image_hw, cert.patch_px, cert.r, mask_stride=cert.mask_stride,
-                            masks_per_axis=cert.masks_per_axis).boxes()
+                            masks_per_axis=cert.masks_per_axis,
+                            layout=cert.window_layout).boxes()
 
 
 def sgd_with_cosine_schedule(

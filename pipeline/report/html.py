@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.report.reduce import ACCURACIES
-from pipeline.report.text import model_provenance, num, pct, preprocessing_text, signed_pp
+from pipeline.report.text import (
+    model_provenance, num, pct, preprocessing_text, settings_text, signed_pp,
+)
 from pipeline.report.thumbnails import Thumbnail
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf")
@@ -244,7 +246,7 @@ def render_html(report: dict[str, Any], thumbs: list[Thumbnail]) -> str:
             f"{_e(run['dataset']['source'])}</code>, {run['dataset']['images']} images listed, "
             f"{run['image_side']} px"
             + (f" ({_e(text)})" if (text := preprocessing_text(run.get("preprocessing"))) else "")
-            + "; "
+            + f"; {_e(settings_text(run.get('config') or {}))}; "
             f"shards {comp['shards_present']} of {comp['shards_listed']}; "
             f"{report['errors']['images']} images with errors (counted as not certified).</p>"]
     if not comp["complete"]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.report.reduce import ACCURACIES
-from pipeline.report.text import model_provenance, num, pct, preprocessing_text, signed_pp
+from pipeline.report.text import (
+    model_provenance, num, pct, preprocessing_text, settings_text, signed_pp,
+)
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -18,6 +20,7 @@ def render_markdown(report: dict[str, Any]) -> str:
            f"{run['image_side']} px)"
            + (f"; preprocessing {text}" if (text := preprocessing_text(run.get("preprocessing")))
               else ""),
+           f"- settings: {settings_text(run.get('config') or {})}",
            f"- shards: {comp['shards_present']} of {comp['shards_listed']} present"
            + ("" if comp["complete"] else f"; **{len(comp['missing_shards'])} MISSING "
               f"({comp['images_missing']} images counted as not certified)**"),

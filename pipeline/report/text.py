@@ -37,6 +37,14 @@ def model_provenance(record: dict[str, Any]) -> str:
     return text
 
 
+def settings_text(config: dict[str, Any]) -> str:
+    """``6 masks per axis, r = 1, vote unanimous, window layout clipped`` for a manifest's run
+    config (runs recorded before the window layout existed used the clipped one)."""
+    return (f"{config.get('masks_per_axis', 'n/a')} masks per axis, r = {config.get('r', 'n/a')}, "
+            f"vote {config.get('vote') or 'unanimous'}, "
+            f"window layout {config.get('window_layout') or 'clipped'}")
+
+
 def preprocessing_text(preprocessing: dict[str, Any] | None) -> str | None:
     """``224 px from short side 256 (bicubic), centre crop; mean 0.485,0.456,0.406, std ...``
     for a manifest's resolved preprocessing; None when the run recorded none."""

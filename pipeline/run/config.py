@@ -21,7 +21,7 @@ from pipeline.compute.models import (
 )
 from pipeline.options import PatchSize, as_flag_errors, load_yaml, positive_int, require
 from scalecert.certify import default_batch_size
-from scalecert.config import CertConfig
+from scalecert.config import DEFAULT_WINDOW_LAYOUT, CertConfig
 from scalecert.errors import InvalidOption
 from scalecert.methods.registry import available_methods
 from scalecert.models import Preprocessing
@@ -51,6 +51,7 @@ class RunConfig:
     margin: float = 1e-3
     alert_confidence: float | None = None
     vote: str = "unanimous"
+    window_layout: str = DEFAULT_WINDOW_LAYOUT  # scalecert.config.WINDOW_LAYOUTS
     full_map: bool = False
     ground_truth: str | None = None
     synsets: str | None = None
@@ -112,6 +113,7 @@ class RunConfig:
             patch_px=patch_px, top_k=self.top_k, masks_per_axis=self.masks_per_axis,
             r=self.r, method=method, layer=self.layer, margin=self.margin,
             alert_confidence=self.alert_confidence, vote=self.vote,
+            window_layout=self.window_layout,
         ))
 
     def preprocessing(self) -> Preprocessing:
@@ -147,6 +149,8 @@ class RunConfig:
             fields_["alert_confidence"] = self.alert_confidence
         if self.vote != "unanimous":
             fields_["vote"] = self.vote
+        if self.window_layout != DEFAULT_WINDOW_LAYOUT:
+            fields_["window_layout"] = self.window_layout
         for name in PREPROCESSING_OPTIONS:
             if getattr(self, name) is not None:
                 fields_[name] = _jsonable(getattr(self, name))
