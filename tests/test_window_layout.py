@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline import cli
-from pipeline.report.text import settings_text
+from pipeline.report.text import layout_note, settings_text
 from pipeline.run.config import RunConfig
 from scalecert import CertConfig
 from scalecert.config import WINDOW_LAYOUTS
@@ -209,3 +209,10 @@ def test_the_report_shows_the_layout() -> None:
     assert settings_text({"masks_per_axis": 6, "r": 1}).endswith("window layout clipped")
     assert "window layout patchcleanser" in settings_text(
         {"masks_per_axis": 6, "r": 1, "vote": "unanimous", "window_layout": "patchcleanser"})
+
+
+def test_published_reference_figures_ask_for_the_reference_layout() -> None:
+    published = [{"defense": "PatchCleanser"}, {"defense": "ScaleCert"}]
+    assert "--window-layout patchcleanser" in layout_note(published, {"r": 1})
+    assert layout_note(published, {"window_layout": "patchcleanser"}) is None
+    assert layout_note([{"defense": "ScaleCert"}], {}) is None

@@ -12,7 +12,7 @@ from typing import Any
 
 from pipeline.report.reduce import ACCURACIES
 from pipeline.report.text import (
-    model_provenance, num, pct, preprocessing_text, settings_text, signed_pp,
+    layout_note, model_provenance, num, pct, preprocessing_text, settings_text, signed_pp,
 )
 from pipeline.report.thumbnails import Thumbnail
 
@@ -254,6 +254,8 @@ def render_html(report: dict[str, Any], thumbs: list[Thumbnail]) -> str:
                     f'{comp["images_missing"]} images count as not correct and not certified.</p>')
     tradeoff = tradeoff_plot(report)
     body += ["<h2>Measured</h2>", _groups_table(report), _published_table(report["published"]),
+             *([f"<p>{_e(note)}</p>"]
+               if (note := layout_note(report["published"], run.get("config") or {})) else []),
              "<h2>Certified accuracy vs patch size</h2>", certified_plot(report),
              *(["<h2>Alert confidence: certified vs clean accuracy</h2>", tradeoff,
                 "<p>Each point is one alert confidence TAU (hover for it); see report.md for "

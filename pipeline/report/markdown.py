@@ -6,7 +6,7 @@ from typing import Any
 
 from pipeline.report.reduce import ACCURACIES
 from pipeline.report.text import (
-    model_provenance, num, pct, preprocessing_text, settings_text, signed_pp,
+    layout_note, model_provenance, num, pct, preprocessing_text, settings_text, signed_pp,
 )
 
 
@@ -43,6 +43,8 @@ def render_markdown(report: dict[str, Any]) -> str:
                        f"{p['clean_accuracy']:.1f}% | {p['certified_accuracy']:.1f}% | "
                        f"{p['kind']} | [{p['source']}]({p['url']}) {p['note']} |")
         out.append("")
+        if note := layout_note(report["published"], run.get("config") or {}):
+            out += [note, ""]
     for g in report["groups"]:
         out += _curve_markdown(g)
     for g in report["groups"]:

@@ -45,6 +45,19 @@ def settings_text(config: dict[str, Any]) -> str:
             f"window layout {config.get('window_layout') or 'clipped'}")
 
 
+def layout_note(published: list[dict[str, Any]], config: dict[str, Any]) -> str | None:
+    """A warning under the published rows when PatchCleanser or Minority Reports figures (made
+    with the reference's windows) sit beside a run in another window layout; else None."""
+    reference = any("PatchCleanser" in p["defense"] or "Minority Reports" in p["defense"]
+                    for p in published)
+    if not reference or config.get("window_layout") == "patchcleanser":
+        return None
+    return ("PatchCleanser and Minority Reports figures use the reference's windows (the last "
+            "one shifted inward at full size); this run's layout is "
+            f"{config.get('window_layout') or 'clipped'}: compare them with a run made with "
+            "--window-layout patchcleanser.")
+
+
 def preprocessing_text(preprocessing: dict[str, Any] | None) -> str | None:
     """``224 px from short side 256 (bicubic), centre crop; mean 0.485,0.456,0.406, std ...``
     for a manifest's resolved preprocessing; None when the run recorded none."""
