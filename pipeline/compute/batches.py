@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,6 +33,14 @@ def to_batch(arrays: list[np.ndarray]) -> torch.Tensor:
             raise ValueError(f"to_batch: array {index} is {array.shape}, array 0 is {first}")
     stacked = torch.from_numpy(np.stack(arrays))  # N x H x W x 3, a fresh writable copy
     return stacked.permute(0, 3, 1, 2).float().div_(255.0).contiguous()
+
+
+def as_arrays(result: Any, names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """A dataclass of tensors (``CertifyResult``, ``DetectResult``, ``AttackResult``) as numpy
+    arrays on the CPU, by field name (``names``: only those): what the torch-free row mappings
+    of ``pipeline.io`` take, so the workers convert at their boundary and nowhere else."""
+    names = names or tuple(field.name for field in dataclasses.fields(result))
+    return {name: getattr(result, name).detach().cpu().numpy() for name in names}
 
 
 def load_image_folder(

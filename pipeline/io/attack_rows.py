@@ -10,20 +10,26 @@ An image that could not be attacked still gets its rows, with ``status = "error"
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any, Iterable
 
+import numpy as np
 import pyarrow as pa
 
 from pipeline.io import storage
-from pipeline.io.certificates import RowContext, rows_table
+from pipeline.io.certificates import (
+    HEAD,
+    RowContext,
+    as_floats,
+    as_list,
+    error_head,
+    head_columns,
+    negative_as_null,
+    rows_table,
+)
 
 ATTACK_SCHEMA = pa.schema([
-    ("run_id", pa.string()),
-    ("image_id", pa.string()),
-    ("label", pa.int64()),
-    ("shard", pa.int64()),
-    ("status", pa.string()),
-    ("error", pa.string()),
+    *HEAD,
     ("attack", pa.string()),  # per-image | universal | adaptive | detector
     ("attack_model", pa.string()),  # the model the attack optimised against: undefended | defended
     ("method", pa.string()),
@@ -73,12 +79,58 @@ def attack_error_rows(
     """One ``status = "error"`` row per (attack, patch_px, method) of an image that could not
     be attacked."""
     keys = list(keys)
-    n = len(keys)
     return attack_rows_table({
-        "run_id": [context.run_id] * n, "image_id": [image_id] * n, "label": [label] * n,
-        "shard": [context.shard] * n, "status": ["error"] * n, "error": [reason] * n,
+        **error_head(context, image_id, label, reason, len(keys)),
         "attack": [attack for attack, _, _ in keys], "patch_px": [px for _, px, _ in keys],
-        "method": [method for _, _, method in keys], "certified": [False] * n,
+        "method": [method for _, _, method in keys], "certified": [False] * len(keys),
+    })
+
+
+def covers(outer: list[int], inner: list[int]) -> bool:
+    """Whether box ``outer`` contains box ``inner`` (top, left, bottom, right; ends exclusive)."""
+    return (outer[0] <= inner[0] and outer[1] <= inner[1]
+            and outer[2] >= inner[2] and outer[3] >= inner[3])
+
+
+def attack_rows(
+    context: RowContext,
+    image_ids: Sequence[str],
+    labels: Any,
+    attack: Mapping[str, Any],
+    method: str,
+    patch_px: int,
+    clean: Mapping[str, np.ndarray],
+    attacked: Mapping[str, np.ndarray],
+    attacked_vanilla: np.ndarray,
+    detection: Mapping[str, np.ndarray],
+    latency_ms: float,
+) -> pa.Table:
+    """The rows of one chunk for one (patch size, method), column by column, from numpy
+    arrays (the worker converts the library's results at its boundary): ``attack`` the
+    columns every row of the run shares (attack, attack_model, alpha, target); ``clean`` the
+    clean images' ``CertifyResult``, ``attacked`` the ``AttackResult``'s boxes, loss and
+    steps, ``attacked_vanilla`` the undefended model's predictions on the attacked images,
+    ``detection`` the ``DetectResult`` on them; ``latency_ms`` the chunk's time so far per
+    image (certification, attack and detection)."""
+    n = len(image_ids)
+    patch_boxes = as_list(attacked["boxes"])
+    outputs = as_list(detection["output"])
+    alert_boxes = negative_as_null(detection["alert_box"])
+    localized = [None if output != ALERT else (box is not None and covers(box, patch))
+                 for output, box, patch in zip(outputs, alert_boxes, patch_boxes)]
+    return attack_rows_table({
+        **head_columns(context, image_ids, labels),
+        **{name: [attack[name]] * n for name in ("attack", "attack_model", "alpha", "target")},
+        "method": [method] * n, "patch_px": [patch_px] * n, "patch_box": patch_boxes,
+        "vanilla_prediction": as_list(clean["vanilla_prediction"]),
+        "prediction": as_list(clean["prediction"]), "certified": as_list(clean["certified"]),
+        "attacked_vanilla_prediction": as_list(attacked_vanilla),
+        "attacked_prediction": as_list(detection["prediction"]),
+        "detect_output": outputs, "alert_box": alert_boxes, "localized": localized,
+        "recovered_prediction": negative_as_null(detection["recovered_prediction"]),
+        "attack_loss": as_floats(attacked["loss"]),
+        "attack_steps": as_list(attacked["steps"]),
+        "latency_ms": [latency_ms] * n,
     })
 
 

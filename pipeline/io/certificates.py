@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import io
 import json
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Iterable
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -20,13 +24,19 @@ from pipeline.io import storage
 
 METADATA_KEY = b"scalecert"
 
-SCHEMA = pa.schema([
+# The columns every row of every job begins with: certificate rows and attack rows alike
+# (:func:`head_columns`, :func:`error_head`).
+HEAD = (
     ("run_id", pa.string()),
     ("image_id", pa.string()),
     ("label", pa.int64()),
     ("shard", pa.int64()),
     ("status", pa.string()),
     ("error", pa.string()),
+)
+
+SCHEMA = pa.schema([
+    *HEAD,
     ("method", pa.string()),
     ("patch_px", pa.int64()),
     ("prediction", pa.int64()),
@@ -47,12 +57,90 @@ SCHEMA = pa.schema([
 ])
 
 
+# Column values from numpy arrays (or lists), for the row mappings of every job.
+def as_list(values: Any) -> list[Any]:
+    return np.asarray(values).tolist()
+
+
+def as_floats(values: Any) -> list[float]:
+    return np.asarray(values, dtype=np.float64).tolist()
+
+
+def nan_as_null(values: Any) -> list[float | None]:
+    """Floats, NaN (a figure the method does not have) as null."""
+    return [None if math.isnan(value) else value for value in as_floats(values)]
+
+
+def negative_as_null(values: Any) -> list[Any]:
+    """Labels, or boxes by their first entry, with -1 (none) as null."""
+    return [None if (value[0] if isinstance(value, list) else value) < 0 else value
+            for value in as_list(values)]
+
+
+# The columns taken from a certification result (``CertifyResult``, as numpy arrays): each from
+# the result's field of the same name, turned into column values by its rule. A new column of
+# this kind is its line in SCHEMA and its line here.
+RESULT_COLUMNS: Mapping[str, Callable[[Any], list[Any]]] = MappingProxyType({
+    "prediction": as_list,
+    "vanilla_prediction": as_list,
+    "clean_output": as_list,
+    "certified": as_list,
+    "n_masks": as_list,
+    "n_evaluated": as_list,
+    "min_margin": as_floats,
+    "min_confidence": nan_as_null,  # NaN for recovery methods
+    "max_alert_confidence": nan_as_null,
+    "alert_box": negative_as_null,
+    "recovered_prediction": negative_as_null,
+})
+
+
 @dataclass(frozen=True)
 class RowContext:
     """What every row of one shard shares."""
 
     run_id: str
     shard: int
+
+
+def head_columns(context: RowContext, image_ids: Sequence[str],
+                 labels: Any) -> dict[str, list[Any]]:
+    """The :data:`HEAD` columns of the ``ok`` rows of ``image_ids`` (``labels``: one each)."""
+    n = len(image_ids)
+    return {"run_id": [context.run_id] * n, "image_id": list(image_ids),
+            "label": as_list(labels), "shard": [context.shard] * n, "status": ["ok"] * n,
+            "error": [None] * n}
+
+
+def error_head(context: RowContext, image_id: str, label: int, reason: str,
+               n: int) -> dict[str, list[Any]]:
+    """The :data:`HEAD` columns of ``n`` ``status = "error"`` rows of one image."""
+    return {"run_id": [context.run_id] * n, "image_id": [image_id] * n, "label": [label] * n,
+            "shard": [context.shard] * n, "status": ["error"] * n, "error": [reason] * n}
+
+
+def certificate_rows(
+    context: RowContext,
+    image_ids: Sequence[str],
+    labels: Any,
+    method: str,
+    patch_px: int,
+    result: Mapping[str, np.ndarray],
+    latency_ms: float,
+    with_mask_map: bool = False,
+) -> pa.Table:
+    """The rows of images certified in one call, column by column: each of
+    :data:`RESULT_COLUMNS` from the result's field of that name (numpy arrays; the worker
+    converts a ``CertifyResult`` at its boundary), ``latency_ms`` that call's time per image;
+    ``with_mask_map`` adds each image's per-window predictions (audits, ``--full-map``)."""
+    n = len(image_ids)
+    return rows_table({
+        **head_columns(context, image_ids, labels),
+        "method": [method] * n, "patch_px": [patch_px] * n,
+        **{name: convert(result[name]) for name, convert in RESULT_COLUMNS.items()},
+        "latency_ms": [latency_ms] * n,
+        "mask_predictions": as_list(result["mask_predictions"]) if with_mask_map else [None] * n,
+    })
 
 
 def part_location(out: str, shard: int) -> str:
@@ -89,12 +177,10 @@ def error_rows(
 ) -> pa.Table:
     """One ``status = "error"`` row per (patch_px, method) for an image that was not certified."""
     keys = list(keys)
-    n = len(keys)
     return rows_table({
-        "run_id": [context.run_id] * n, "image_id": [image_id] * n, "label": [label] * n,
-        "shard": [context.shard] * n, "status": ["error"] * n, "error": [reason] * n,
+        **error_head(context, image_id, label, reason, len(keys)),
         "method": [method for _, method in keys], "patch_px": [px for px, _ in keys],
-        "certified": [False] * n,
+        "certified": [False] * len(keys),
     })
 
 

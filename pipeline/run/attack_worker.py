@@ -15,20 +15,18 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from pipeline.compute.batches import as_arrays
 from pipeline.io.attack_rows import (
     ATTACK_SCHEMA,
     attack_error_rows,
     attack_part_location,
-    attack_rows_table,
+    attack_rows,
 )
 from pipeline.io.certificates import RowContext, to_parquet_bytes
 from pipeline.io.sources import ImageRecord
 from pipeline.run.attack_config import AttackOptions
 from pipeline.run.worker import ShardWorker, WorkerSettings
-from scalecert.attacks import AttackResult, attack_images
-from scalecert.certify import CertifyResult, DetectResult
-
-ALERT = -1
+from scalecert.attacks import attack_images
 
 
 @dataclass(frozen=True)
@@ -49,6 +47,11 @@ class AttackShardWorker(ShardWorker):
 
     def __init__(self, settings: WorkerSettings, attack: AttackSettings) -> None:
         self.attack = attack
+        options = attack.options
+        self.attack_columns = {  # what every row of the run shares
+            "attack": options.attack, "attack_model": options.attack_model,
+            "alpha": options.alpha if options.attack == "adaptive" else None,
+            "target": options.target}
         super().__init__(settings)
 
     def _location(self, shard: int) -> str:
@@ -82,59 +85,12 @@ class AttackShardWorker(ShardWorker):
                 attack_model=options.attack_model,
                 universal_patch=None if patch is None else torch.tensor(patch).to(images))
             with torch.no_grad():
-                attacked_vanilla = self.model(attacked.images).argmax(dim=1).cpu()
+                attacked_vanilla = self.model(attacked.images).argmax(dim=1).cpu().numpy()
             detection = certifier.detect(attacked.images)
             blocks.append(attack_rows(
-                context, ids, labels, options, method, patch_px, outcome.result, attacked,
-                attacked_vanilla, detection,
+                context, ids, labels.tolist(), self.attack_columns, method, patch_px,
+                as_arrays(outcome.result), as_arrays(attacked, ("boxes", "loss", "steps")),
+                attacked_vanilla, as_arrays(detection),
                 latency_ms=1000.0 * (time.perf_counter() - began) / len(chunk)))
         return blocks
-
-
-def covers(outer: list[int], inner: list[int]) -> bool:
-    """Whether box ``outer`` contains box ``inner`` (top, left, bottom, right; ends exclusive)."""
-    return (outer[0] <= inner[0] and outer[1] <= inner[1]
-            and outer[2] >= inner[2] and outer[3] >= inner[3])
-
-
-def attack_rows(
-    context: RowContext,
-    image_ids: list[str],
-    labels: torch.Tensor,
-    options: AttackOptions,
-    method: str,
-    patch_px: int,
-    clean: CertifyResult,
-    attacked: AttackResult,
-    attacked_vanilla: torch.Tensor,
-    detection: DetectResult,
-    latency_ms: float,
-) -> pa.Table:
-    """The rows of one chunk for one (patch size, method), column by column. ``latency_ms``:
-    the chunk's time so far per image (certification, attack and detection)."""
-    n = len(image_ids)
-    patch_boxes = attacked.boxes.tolist()
-    outputs = detection.output.tolist()
-    alert_boxes = [box if box[0] >= 0 else None for box in detection.alert_box.tolist()]
-    recovered = detection.recovered_prediction.tolist()
-    localized = [None if output != ALERT else (box is not None and covers(box, patch))
-                 for output, box, patch in zip(outputs, alert_boxes, patch_boxes)]
-    return attack_rows_table({
-        "run_id": [context.run_id] * n, "image_id": list(image_ids),
-        "label": labels.tolist(), "shard": [context.shard] * n, "status": ["ok"] * n,
-        "error": [None] * n, "attack": [options.attack] * n,
-        "attack_model": [options.attack_model] * n, "method": [method] * n,
-        "patch_px": [patch_px] * n,
-        "alpha": [options.alpha if options.attack == "adaptive" else None] * n,
-        "target": [options.target] * n, "patch_box": patch_boxes,
-        "vanilla_prediction": clean.vanilla_prediction.tolist(),
-        "prediction": clean.prediction.tolist(), "certified": clean.certified.tolist(),
-        "attacked_vanilla_prediction": attacked_vanilla.tolist(),
-        "attacked_prediction": detection.prediction.tolist(),
-        "detect_output": outputs, "alert_box": alert_boxes, "localized": localized,
-        "recovered_prediction": [value if value >= 0 else None for value in recovered],
-        "attack_loss": attacked.loss.double().tolist(),
-        "attack_steps": attacked.steps.tolist(),
-        "latency_ms": [latency_ms] * n,
-    })
 

@@ -9,7 +9,6 @@ size, method) — sharing each chunk's decode and stem across them — and write
 
 from __future__ import annotations
 
-import math
 import os
 import socket
 import time
@@ -22,21 +21,21 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline.compute.batches import to_batch
+from pipeline.compute.batches import as_arrays, to_batch
 from pipeline.compute.cluster import ray_node_id, set_torch_threads
 from pipeline.compute.models import load_stored_model
 from pipeline.io import storage
 from pipeline.io.certificates import (
     RowContext,
+    certificate_rows,
     error_rows,
     part_location,
-    rows_table,
     to_parquet_bytes,
 )
 from pipeline.io.images import Preprocess, read_labelled
 from pipeline.io.sources import ImageRecord
 from pipeline.run.config import RunConfig
-from scalecert.certify import CertifierGroup, CertifyResult
+from scalecert.certify import CertifierGroup
 from scalecert.errors import Refusal
 from scalecert.models import Preprocessing
 
@@ -209,46 +208,9 @@ class ShardWorker:
         outcomes = self.certifiers.certify(images, labels)  # stems and M(x) shared
         for (patch_px, method), outcome in zip(self.keys, outcomes):
             latency = 1000.0 * outcome.seconds / len(chunk)
-            certified[f"{patch_px}px/{method}"] += int(outcome.result.certified.sum())
-            blocks.append(certificate_rows(context, ids, labels, method, patch_px, outcome.result,
+            result = as_arrays(outcome.result)
+            certified[f"{patch_px}px/{method}"] += int(result["certified"].sum())
+            blocks.append(certificate_rows(context, ids, labels.tolist(), method, patch_px, result,
                                            latency, with_mask_map=self.settings.run.full_map))
         return blocks
 
-
-def certificate_rows(
-    context: RowContext,
-    image_ids: list[str],
-    labels: torch.Tensor,
-    method: str,
-    patch_px: int,
-    result: CertifyResult,
-    latency_ms: float,
-    with_mask_map: bool = False,
-) -> pa.Table:
-    """The rows of images certified in one call, built column by column from the result's
-    tensors (``latency_ms``: that call's time per image); ``with_mask_map`` adds each image's
-    per-window predictions (audits, ``--full-map``)."""
-    n = len(image_ids)
-    boxes = result.alert_box.tolist()
-    recovered = result.recovered_prediction.tolist()
-    return rows_table({
-        "run_id": [context.run_id] * n, "image_id": list(image_ids),
-        "label": labels.tolist(), "shard": [context.shard] * n, "status": ["ok"] * n,
-        "error": [None] * n, "method": [method] * n, "patch_px": [patch_px] * n,
-        "prediction": result.prediction.tolist(),
-        "vanilla_prediction": result.vanilla_prediction.tolist(),
-        "clean_output": result.clean_output.tolist(), "certified": result.certified.tolist(),
-        "n_masks": result.n_masks.tolist(), "n_evaluated": result.n_evaluated.tolist(),
-        "min_margin": result.min_margin.double().tolist(),
-        "min_confidence": _nullable(result.min_confidence),  # NaN for recovery methods
-        "max_alert_confidence": _nullable(result.max_alert_confidence),
-        "alert_box": [box if box[0] >= 0 else None for box in boxes],
-        "recovered_prediction": [value if value >= 0 else None for value in recovered],
-        "latency_ms": [latency_ms] * n,
-        "mask_predictions": result.mask_predictions.tolist() if with_mask_map else [None] * n,
-    })
-
-
-def _nullable(values: torch.Tensor) -> list[float | None]:
-    """Floats for a column, NaN (a figure the method does not have) as null."""
-    return [None if math.isnan(value) else value for value in values.double().tolist()]
