@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from scalecert import __version__
+from scalecert.attack_registry import DEFAULT_ATTACK, available_attacks, describe_attacks
 from scalecert.config import WINDOW_LAYOUTS
 from scalecert.errors import Refusal
 from scalecert.methods.registry import available_methods
@@ -189,11 +190,8 @@ def _run_and_report(run: Any, quiet: bool) -> None:
 
 @main.command("attack")
 @_run_options
-@click.option("--attack", type=click.Choice(["per-image", "universal", "adaptive", "detector"]),
-              help="per-image: optimise each image's patch (default); universal: one patch "
-                   "trained on --universal-data (Eq. 3), pasted at random positions; adaptive: "
-                   "per-image with the activation penalty --alpha (Eq. 6); detector: fool M "
-                   "while every window agrees with the wrong label.")
+@click.option("--attack", type=click.Choice(available_attacks()),
+              help=f"{describe_attacks()} Default: {DEFAULT_ATTACK}.")
 @click.option("--attack-model", type=click.Choice(["undefended", "defended"]),
               help="The model the attack optimises against: the plain model, or the "
                    "method's M (default: defended).")

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
+from scalecert.attack_registry import DEFAULT_ATTACK, attack_info, available_attacks
 from scalecert.config import CertConfig
 from scalecert.errors import InvalidOption
 from scalecert.geometry import Footprints
@@ -39,7 +40,6 @@ from scalecert.precision import margins
 from scalecert.sin import sin_scores
 from scalecert.training import training_windows
 
-ATTACKS = ("per-image", "universal", "adaptive", "detector")
 ATTACK_MODELS = ("undefended", "defended")
 LOCATIONS = ("worst", "random")
 # A patch that fools with this logit margin stops early (per image): the fooling survives
@@ -54,7 +54,8 @@ PASS_PIXELS = 1024 * 32 * 32
 class AttackConfig:
     """How to attack: the patch side, the attack, and its optimisation budget.
 
-    patch_px: side of the square patch (>= 1). attack: one of :data:`ATTACKS`.
+    patch_px: side of the square patch (>= 1). attack: a registered attack
+        (:mod:`scalecert.attack_registry`).
     steps: signed-gradient steps per restart (>= 1); restarts (>= 1): per image, the restart
         that fools with margin, else the one with the highest final objective, wins (an image
         fooled with margin skips the remaining restarts).
@@ -69,7 +70,7 @@ class AttackConfig:
     """
 
     patch_px: int
-    attack: str = "per-image"
+    attack: str = DEFAULT_ATTACK
     steps: int = 40
     restarts: int = 2
     step_size: float = 1 / 16
@@ -83,8 +84,7 @@ class AttackConfig:
         for name, minimum in (("patch_px", 1), ("steps", 1), ("restarts", 1), ("eot", 1),
                               ("seed", 0)):
             _check_int(name, getattr(self, name), minimum)
-        if self.attack not in ATTACKS:
-            raise InvalidOption(f"attack: one of {', '.join(ATTACKS)}, got {self.attack!r}")
+        attack_info(self.attack)  # an unknown attack is refused with the choices
         if self.location not in LOCATIONS:
             raise InvalidOption(
                 f"location: one of {', '.join(LOCATIONS)}, got {self.location!r}")
@@ -215,9 +215,11 @@ def _mean_under(scores: torch.Tensor, foot: torch.Tensor) -> torch.Tensor:
 # -- objectives -----------------------------------------------------------------------------
 
 class _Objective:
-    """The attack objective on a batch of images: :meth:`loss` of the images ``rows`` attacked
+    """An attack's objective on a batch of images: :meth:`loss` of the images ``rows`` attacked
     at ``boxes`` gives the objective (higher: stronger) and whether each is fooled with margin
-    (None: the attack never stops early)."""
+    (None: the attack never stops early). This one is the margin loss of the per-image and
+    universal attacks; the other attacks' objectives below refine it, one class each
+    (:data:`_OBJECTIVES`)."""
 
     def __init__(self, model: StagedClassifier, cert: CertConfig, config: AttackConfig,
                  attack_model: str, images: torch.Tensor, labels: torch.Tensor) -> None:
@@ -225,24 +227,17 @@ class _Objective:
         self.labels = labels.to(images.device)
         self.logits = attack_logits(model, cert, attack_model)
         self.forwards = 1  # forward passes of the model per attacked image
-        if config.attack == "adaptive":
-            self.split = model.split(cert.layer)
-            self.footprints: Footprints | None = None
-        if config.attack == "detector":
-            self.method = load_method(cert.method)
-            self.windows = training_windows(cert, (images.shape[2], images.shape[3]))
-            self.forwards = len(self.windows) + 1
-            self.clean = self._clean_window_margins(images)
 
     def loss(self, patched: torch.Tensor, boxes: torch.Tensor, rows: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        labels = self.labels[rows]
-        if self.config.attack == "detector":
-            return self._detector(patched, boxes, rows)
-        margin = self._margin(self.logits(patched), labels)
-        if self.config.attack == "adaptive":
-            return margin - self.config.alpha * self.activation(patched, boxes), None
+        margin = self._margin(self.logits(patched), self.labels[rows])
         return margin, margin >= STOP_MARGIN
+
+    def position_scores(self, boxes: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
+        """How promising each (image ``rows``, position ``boxes``) pair is for the "worst"
+        location search without running the model, or None: then a noise patch ranks them
+        (:func:`_rank_positions`)."""
+        return None
 
     def _margin(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Untargeted: best wrong logit minus the label's; targeted: the target's margin."""
@@ -250,13 +245,60 @@ class _Objective:
             return -margins(logits, labels)
         return margins(logits, torch.full_like(labels, self.config.target))
 
+
+class _AdaptiveObjective(_Objective):
+    """The paper's Eq. 6: the margin loss minus ``alpha`` times the mean SIN score under the
+    patch; it never stops early."""
+
+    def __init__(self, model: StagedClassifier, cert: CertConfig, config: AttackConfig,
+                 attack_model: str, images: torch.Tensor, labels: torch.Tensor) -> None:
+        super().__init__(model, cert, config, attack_model, images, labels)
+        self.split = model.split(cert.layer)
+        self.footprints: Footprints | None = None
+
+    def loss(self, patched: torch.Tensor, boxes: torch.Tensor, rows: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        margin = self._margin(self.logits(patched), self.labels[rows])
+        return margin - self.config.alpha * self.activation(patched, boxes), None
+
     def activation(self, patched: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         features = self.split.stem(patched)
         if self.footprints is None:
             self.footprints = Footprints(self.split.geometry, tuple(features.shape[2:]))
         return _mean_under(sin_scores(features), self.footprints(boxes))
 
-    # -- the detector attack -------------------------------------------------------------
+
+class _DetectorObjective(_Objective):
+    """The wrong label's margin averaged over M(x') and F(x', m) for every window m of the
+    family: detection outputs that wrong label only if no window disagrees with M(x')."""
+
+    def __init__(self, model: StagedClassifier, cert: CertConfig, config: AttackConfig,
+                 attack_model: str, images: torch.Tensor, labels: torch.Tensor) -> None:
+        super().__init__(model, cert, config, attack_model, images, labels)
+        self.method = load_method(cert.method)
+        self.windows = training_windows(cert, (images.shape[2], images.shape[3]))
+        self.forwards = len(self.windows) + 1
+        self.clean = self._clean_window_margins(images)
+
+    def loss(self, patched: torch.Tensor, boxes: torch.Tensor, rows: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fooled when M(x') and every window's F(x', m) give the wrong label with margin."""
+        n, windows = len(patched), self.windows.to(patched.device)
+        k = len(windows)
+        unmasked = torch.zeros((1, 4), dtype=torch.int64, device=patched.device)
+        pairs = torch.cat([unmasked, windows]).repeat(n, 1)  # image-major: M, then windows
+        logits = self.method.defended_logits(
+            self.model, self.cert, patched.repeat_interleave(k + 1, dim=0), pairs)
+        wrong, _ = self.wrong_labels(boxes, rows)
+        per_pair = margins(logits, wrong.to(logits.device).repeat_interleave(k + 1))
+        per_pair = per_pair.view(n, k + 1)
+        return per_pair.mean(dim=1), per_pair.amin(dim=1) >= STOP_MARGIN
+
+    def position_scores(self, boxes: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """How close the windows that contain each position already are to a wrong label on
+        the clean image (:meth:`wrong_labels`): those windows cannot be moved by the patch,
+        and everything else can."""
+        return self.wrong_labels(boxes, rows)[1]
 
     @torch.no_grad()
     def _clean_window_margins(self, images: torch.Tensor) -> torch.Tensor:
@@ -296,20 +338,24 @@ class _Objective:
         score, wrong = closest.max(dim=1)
         return wrong, score
 
-    def _detector(self, patched: torch.Tensor, boxes: torch.Tensor, rows: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The wrong label's margin averaged over M(x') and every window's F(x', m); fooled
-        when all of them give it with margin."""
-        n, windows = len(patched), self.windows.to(patched.device)
-        k = len(windows)
-        unmasked = torch.zeros((1, 4), dtype=torch.int64, device=patched.device)
-        pairs = torch.cat([unmasked, windows]).repeat(n, 1)  # image-major: M, then windows
-        logits = self.method.defended_logits(
-            self.model, self.cert, patched.repeat_interleave(k + 1, dim=0), pairs)
-        wrong, _ = self.wrong_labels(boxes, rows)
-        per_pair = margins(logits, wrong.to(logits.device).repeat_interleave(k + 1))
-        per_pair = per_pair.view(n, k + 1)
-        return per_pair.mean(dim=1), per_pair.amin(dim=1) >= STOP_MARGIN
+
+# Each registered attack's objective (scalecert.attack_registry names them); the universal
+# attack optimises its one patch against the margin loss (train_universal_patch).
+_OBJECTIVES: dict[str, type[_Objective]] = {
+    "per-image": _Objective,
+    "universal": _Objective,
+    "adaptive": _AdaptiveObjective,
+    "detector": _DetectorObjective,
+}
+if set(_OBJECTIVES) != set(available_attacks()):
+    raise ImportError(f"scalecert.attacks: objectives for {sorted(_OBJECTIVES)}, registered "
+                      f"attacks {sorted(available_attacks())}")
+
+
+def _objective(model: StagedClassifier, cert: CertConfig, config: AttackConfig,
+               attack_model: str, images: torch.Tensor, labels: torch.Tensor) -> _Objective:
+    """The objective of ``config.attack`` on these images."""
+    return _OBJECTIVES[config.attack](model, cert, config, attack_model, images, labels)
 
 
 def _all_margins(logits: torch.Tensor) -> torch.Tensor:
@@ -337,7 +383,8 @@ def attack_images(
     universal: paste ``universal_patch`` (``C x p x p``, required) at random locations seeded
     by ``config.seed``; nothing is optimised (``steps`` 0)."""
     labels = _check_inputs(model, images, labels, config, attack_model)
-    if config.attack == "universal":
+    trains_patch = attack_info(config.attack).trains_patch
+    if trains_patch:
         if universal_patch is None:
             raise InvalidOption("universal_patch: the universal attack needs a trained patch "
                                 "(train_universal_patch)")
@@ -348,8 +395,8 @@ def attack_images(
     generator = torch.Generator().manual_seed(config.seed)
     n, image_hw = len(images), (images.shape[2], images.shape[3])
     with _eval_mode(model), torch.enable_grad():
-        objective = _Objective(model, cert, config, attack_model, images, labels)
-        if config.attack == "universal":
+        objective = _objective(model, cert, config, attack_model, images, labels)
+        if trains_patch:
             boxes = random_boxes(n, image_hw, config.patch_px, generator)
             patch = universal_patch.detach().to(images.device, images.dtype)
             attacked = paste_patch(images, patch, boxes)
@@ -503,9 +550,8 @@ def _rank_positions(objective: _Objective, images: torch.Tensor, rows: torch.Ten
     g = len(grid)
     pair_image = torch.arange(n, device=images.device).repeat_interleave(g)
     pair_box = grid.repeat(n, 1)
-    if config.attack == "detector":
-        _, scores = objective.wrong_labels(pair_box, rows[pair_image])
-    else:
+    scores = objective.position_scores(pair_box, rows[pair_image])
+    if scores is None:
         noise = torch.rand((n, channels, config.patch_px, config.patch_px), generator=generator)
         noise = noise.to(images.device, images.dtype)
         scores = torch.empty(n * g)
@@ -554,7 +600,7 @@ def train_universal_patch(
     total = epochs * batches * config.steps
     done = 0
     with _eval_mode(model), torch.enable_grad():
-        objective = _Objective(model, cert, per_image, attack_model, images, labels)
+        objective = _objective(model, cert, per_image, attack_model, images, labels)
         for _ in range(epochs):
             order = torch.randperm(len(images), generator=generator)
             for batch in range(batches):
@@ -592,9 +638,9 @@ def _check_inputs(model: StagedClassifier, images: torch.Tensor, labels: torch.T
     if not isinstance(config, AttackConfig):
         raise InvalidOption(f"config: expected an AttackConfig, got {type(config).__name__}")
     _check_attack_model(attack_model)
-    if config.attack == "detector" and attack_model != "defended":
-        raise InvalidOption("attack_model: the detector attack fools the defense itself (M and "
-                            f"its windows); use 'defended', got {attack_model!r}")
+    if attack_info(config.attack).defended_only and attack_model != "defended":
+        raise InvalidOption(f"attack_model: the {config.attack} attack fools the defense itself "
+                            f"(M and its windows); use 'defended', got {attack_model!r}")
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
         raise InvalidOption("images: expected an N x C x H x W float tensor in [0, 1], got "
                             f"{getattr(images, 'shape', type(images).__name__)}")

@@ -30,7 +30,7 @@ from pipeline.io.certificates import (
 
 ATTACK_SCHEMA = pa.schema([
     *HEAD,
-    ("attack", pa.string()),  # per-image | universal | adaptive | detector
+    ("attack", pa.string()),  # a name of scalecert.attack_registry
     ("attack_model", pa.string()),  # the model the attack optimised against: undefended | defended
     ("method", pa.string()),
     ("patch_px", pa.int64()),

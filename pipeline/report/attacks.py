@@ -96,9 +96,10 @@ RATE_COLOURS = (*PALETTE, "#8c564b")  # one per rate of RATES
 
 
 @dataclass(frozen=True)
-class AttackRun:
-    """An attack run's manifest, its present rows (:data:`ATTACK_SCHEMA`) and the shards the
-    manifest lists that have no file."""
+class AttackRunData:
+    """An attack run folder as the report reads it (the attack side of
+    :class:`~pipeline.report.reduce.RunData`): its manifest, its present rows
+    (:data:`ATTACK_SCHEMA`) and the shards the manifest lists that have no file."""
 
     location: str
     manifest: dict[str, Any]
@@ -184,7 +185,7 @@ class AttackGroup:
 
 # --- reading ------------------------------------------------------------------------------------
 
-def read_attack_run(out: str, s3: storage.S3Options | None = None) -> AttackRun:
+def read_attack_run(out: str, s3: storage.S3Options | None = None) -> AttackRunData:
     """Read and check ``manifest.json`` and every ``attacks/part-*.parquet`` of an attack run
     folder (local or s3://); see the module docstring for the checks."""
     manifest = read_manifest(out, s3, ("fingerprint", "run_id", "shards", "dataset"),
@@ -221,7 +222,7 @@ def read_attack_run(out: str, s3: storage.S3Options | None = None) -> AttackRun:
                             f"{first['attack']} / {first['method']} at {first['patch_px']} px "
                             "(in two shards)")
     model = (manifest.get("attack") or {}).get("attack_model")
-    return AttackRun(out, manifest, _fill_attack_model(rows, model), tuple(missing))
+    return AttackRunData(out, manifest, _fill_attack_model(rows, model), tuple(missing))
 
 
 def _conform(at: str, table: pa.Table) -> pa.Table:
@@ -420,7 +421,7 @@ def _published(manifest: dict[str, Any]) -> list[dict[str, Any]]:
              "title_figure": titles[row.figure]} for row in rows]
 
 
-def build_attack_report(run: AttackRun, figures: Sequence[AttackGroup]) -> dict[str, Any]:
+def build_attack_report(run: AttackRunData, figures: Sequence[AttackGroup]) -> dict[str, Any]:
     """attack_report.json (``schema = "scalecert-attack-report/1"``): run, completeness,
     definitions, groups (every figure as value, low, high, n, successes; the group's
     violations listed and counted), violations (count, items: all groups'), published
@@ -654,7 +655,7 @@ def _violations_html(figures: Sequence[AttackGroup]) -> list[str]:
             f"<th>patch</th></tr>{rows}</table>"]
 
 
-def write_attack_report(out_dir: str, run: AttackRun, figures: Sequence[AttackGroup],
+def write_attack_report(out_dir: str, run: AttackRunData, figures: Sequence[AttackGroup],
                         s3: storage.S3Options | None = None) -> list[str]:
     """Write attack_report.json, attack_report.md and attack_report.html into ``out_dir``
     (local or s3://); their locations."""

@@ -14,7 +14,8 @@ from typing import Any
 
 from pipeline.options import as_flag_errors, load_yaml, positive_int, require
 from pipeline.run.config import RunConfig
-from scalecert.attacks import ATTACK_MODELS, ATTACKS, AttackConfig
+from scalecert.attack_registry import attack_info, available_attacks
+from scalecert.attacks import ATTACK_MODELS, AttackConfig
 
 
 _LIBRARY = AttackConfig(patch_px=1)  # the library's defaults are the command's
@@ -40,12 +41,13 @@ class AttackOptions:
     universal_epochs: int = 2
 
     def __post_init__(self) -> None:
-        require(self.attack in ATTACKS, "attack", f"one of {', '.join(ATTACKS)}, got {self.attack!r}")
+        require(self.attack in available_attacks(), "attack",
+                f"one of {', '.join(available_attacks())}, got {self.attack!r}")
         require(self.attack_model in ATTACK_MODELS, "attack-model",
                 f"one of {', '.join(ATTACK_MODELS)}, got {self.attack_model!r}")
         positive_int(self.universal_images, "universal-images")
         positive_int(self.universal_epochs, "universal-epochs")
-        if self.attack == "universal":
+        if attack_info(self.attack).trains_patch:
             require(isinstance(self.universal_data, str) and bool(self.universal_data),
                     "universal-data", "a labelled training folder (local or s3://) to train "
                     "the universal patch on")

@@ -22,6 +22,7 @@ from pipeline.run.attack_config import AttackRun
 from pipeline.run.attack_worker import AttackSettings, AttackShardWorker, universal_key
 from pipeline.run.driver import Plan, RunSummary, run_certification
 from pipeline.run.worker import ShardSummary
+from scalecert.attack_registry import attack_info
 from scalecert.attacks import train_universal_patch
 from scalecert.errors import InvalidOption
 
@@ -34,7 +35,7 @@ def universal_patches(plan: Plan, log: Callable[[str], None]) -> dict[str, Any]:
     """The universal patch of every (patch size, method): read back when this run already
     trained it (same fingerprint), else trained on ``--universal-data`` and written."""
     options = plan.attack
-    if options is None or options.attack != "universal":
+    if options is None or not attack_info(options.attack).trains_patch:
         return {}
     run = plan.run
     s3 = storage.S3Options(endpoint=run.s3_endpoint)

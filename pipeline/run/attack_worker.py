@@ -26,6 +26,7 @@ from pipeline.io.certificates import RowContext, to_parquet_bytes
 from pipeline.io.sources import ImageRecord
 from pipeline.run.attack_config import AttackOptions
 from pipeline.run.worker import ShardWorker, WorkerSettings
+from scalecert.attack_registry import attack_info
 from scalecert.attacks import attack_images
 
 
@@ -50,7 +51,7 @@ class AttackShardWorker(ShardWorker):
         options = attack.options
         self.attack_columns = {  # what every row of the run shares
             "attack": options.attack, "attack_model": options.attack_model,
-            "alpha": options.alpha if options.attack == "adaptive" else None,
+            "alpha": options.alpha if attack_info(options.attack).uses_alpha else None,
             "target": options.target}
         super().__init__(settings)
 
