@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline.run.worker import ShardWorker
 from scalecert.certify import ALERT
 from scalecert.precision import margins
 from scalecert.sin import keep_count, keep_positions, prune, selection_order, sin_scores
@@ -163,6 +164,47 @@ class OtherRay:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+# -- test doubles of the shard workers, passed through the driver's worker= -----------------------
+
+class DiesOnFirstTry(ShardWorker):
+    """The certify worker, except that the first try of one shard kills the worker's process
+    once its rows are computed and before they are written, as a worker lost mid-shard is.
+    ``marker``: a file that records that try, so the restarted worker (a new process)
+    certifies the shard for real. Made by :func:`dies_on_first_try`."""
+
+    def __init__(self, settings, shard: int, marker: str) -> None:
+        super().__init__(settings)
+        self.dying_shard, self.marker = shard, marker
+        self.dying = False
+
+    def run(self, task):
+        self.dying = task.index == self.dying_shard
+        return super().run(task)
+
+    def _parquet_bytes(self, blocks, metadata):
+        if self.dying and _first_try(self.marker):
+            os._exit(17)  # the process dies: Ray sees a lost worker, not an exception
+        return super()._parquet_bytes(blocks, metadata)
+
+
+def _first_try(marker: str) -> bool:
+    """True the first time any process asks about ``marker`` (a file it then creates)."""
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
+def dies_on_first_try(shard: int, marker: Path):
+    """``run_certification``'s ``worker=`` for :class:`DiesOnFirstTry`. Ray's workers cannot
+    import this module (tests/ is not on their path), so it goes to them by value."""
+    import ray
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    return lambda plan: (DiesOnFirstTry, (shard, str(marker)))
 
 
 # -- patches for the soundness tests ------------------------------------------------------------

@@ -13,7 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
-from support import copy_class_subset, invoke_report, local_ray
+from support import copy_class_subset, dies_on_first_try, invoke_report, local_ray
 
 from pipeline.cli import main
 from pipeline.compute.batches import load_image_folder
@@ -106,16 +106,19 @@ def test_cifar10_run_two_patches_two_methods_then_resume(
 
 
 def test_a_worker_killed_mid_shard_loses_nothing(
-    ray_session, tmp_path, cifar10_test_dir, resnet20_checkpoint, monkeypatch
+    ray_session, tmp_path, cifar10_test_dir, resnet20_checkpoint, capsys
 ) -> None:
+    """The first try of shard 1 kills its worker's process after certifying, before writing
+    (a test double through the driver's worker=): the shard is retried on the restarted
+    worker and every image ends with its rows."""
     data = copy_class_subset(cifar10_test_dir, tmp_path / "cifar", per_class=6)
     out = tmp_path / "run"
-    monkeypatch.setenv("SCALECERT_TEST_CRASH_SHARD", "1")
-    code, output = certify("--data", str(data), "--model", "cifar_resnet20", "--checkpoint",
-                           str(resnet20_checkpoint), "--patch", "5", "--out", str(out),
-                           "--shard-size", "20", "--workers", "2")
-    assert code == 0, output
-    assert "worker lost on shard 1 (attempt 1); retrying" in output
+    run = RunConfig(data=str(data), model="cifar_resnet20", checkpoint=str(resnet20_checkpoint),
+                    patches=("5",), out=str(out), shard_size=20, workers=2)
+    summary = run_certification(run, worker=dies_on_first_try(1, tmp_path / "died"))
+    assert (tmp_path / "died").exists()  # the double did kill a worker
+    assert "worker lost on shard 1 (attempt 1); retrying" in capsys.readouterr().err
+    assert (summary.images, summary.shards, summary.errors) == (60, 3, 0)
     rows = read_rows(out)
     assert sorted(r["image_id"] for r in rows) == sorted(
         p.relative_to(data).as_posix() for p in data.glob("*/*"))
@@ -123,7 +126,7 @@ def test_a_worker_killed_mid_shard_loses_nothing(
 
 
 def test_a_checkpoint_rewritten_mid_run_stops_the_run_and_writes_none_of_its_rows(
-    ray_session, tmp_path, cifar10_test_dir, resnet20_checkpoint, monkeypatch
+    ray_session, tmp_path, cifar10_test_dir, resnet20_checkpoint
 ) -> None:
     """Scheduled audits point at paths that training jobs rewrite: after the first shard the
     checkpoint file is replaced by other weights and the worker dies, so its restart reads the
@@ -137,14 +140,14 @@ def test_a_checkpoint_rewritten_mid_run_stops_the_run_and_writes_none_of_its_row
     run = RunConfig(data=str(data), model="cifar_resnet20", checkpoint=str(checkpoint),
                     patches=("5",), methods=("scalecert",), out=str(tmp_path / "run"),
                     shard_size=20, workers=1)
-    monkeypatch.setenv("SCALECERT_TEST_CRASH_SHARD", "1")  # shard 1's worker dies before writing
 
     def swap_after_first_shard(summary) -> None:
         if summary.index == 0:
             checkpoint.write_bytes(other)
 
-    with pytest.raises(ModelChanged) as caught:
-        run_certification(run, progress=swap_after_first_shard)
+    with pytest.raises(ModelChanged) as caught:  # shard 1's worker dies before writing
+        run_certification(run, progress=swap_after_first_shard,
+                          worker=dies_on_first_try(1, tmp_path / "died"))
     message = str(caught.value)
     assert str(checkpoint) in message
     assert hashlib.sha256(planned).hexdigest() in message

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -41,8 +40,6 @@ from scalecert import __version__
 from scalecert.errors import InvalidOption, OutputConflict, Refusal, RunFailed
 from scalecert.methods.registry import method_info
 from scalecert.models import Preprocessing
-
-_CRASH_SHARD_ENV = "SCALECERT_TEST_CRASH_SHARD"  # tests: the first try at this shard kills its worker
 
 
 class RunRefused(OutputConflict):
@@ -75,9 +72,9 @@ class Plan:
             return attack_part_location(self.run.out, index)
         return part_location(self.run.out, index)
 
-    def task(self, index: int, crash: bool = False) -> ShardTask:
+    def task(self, index: int) -> ShardTask:
         start, stop = self.shards[index]
-        return ShardTask(index=index, records=self.records[start:stop], crash_before_write=crash)
+        return ShardTask(index=index, records=self.records[start:stop])
 
     def metadata(self) -> dict[str, Any]:
         metadata = {"run_id": self.run_id, "fingerprint": self.fingerprint,
@@ -230,7 +227,8 @@ def execute(
 ) -> None:
     """Run the shards in ``todo`` on a pool of Ray actors (Ray must be initialised); a shard
     whose worker dies is retried, up to ``max_attempts`` tries in all. ``worker``: the actor
-    class and its arguments after the settings (the certify worker by default)."""
+    class and its arguments after the settings (the certify worker by default; tests pass
+    doubles here, such as a worker that dies mid-shard)."""
     import ray
     from ray.exceptions import (
         ActorUnavailableError,
@@ -255,20 +253,15 @@ def execute(
     actor_class = ray.remote(worker_class).options(
         num_cpus=layout.cpus, num_gpus=layout.gpus, max_restarts=-1, max_task_retries=0)
     actors = [actor_class.remote(settings, *worker_args) for _ in range(workers)]
-    crash_shard = os.environ.get(_CRASH_SHARD_ENV)
     attempts: dict[int, int] = {}
     queue = list(todo)
     in_flight: dict[Any, tuple[int, int]] = {}  # ref -> (shard, actor)
     unavailable_since: dict[int, float] = {}  # actor -> when it was first found restarting
-    crashed: set[int] = set()
 
     def submit(actor: int) -> None:
         shard = queue.pop(0)
         attempts[shard] = attempts.get(shard, 0) + 1
-        crash = crash_shard == str(shard) and shard not in crashed  # tests: once per shard
-        if crash:
-            crashed.add(shard)
-        in_flight[actors[actor].run.remote(plan.task(shard, crash))] = (shard, actor)
+        in_flight[actors[actor].run.remote(plan.task(shard))] = (shard, actor)
 
     def lost_attempt(shard: int, exc: Exception) -> None:
         """A try of ``shard`` died with its worker: retried unless it was the last."""

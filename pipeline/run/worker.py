@@ -9,7 +9,6 @@ size, method) — sharing each chunk's decode and stem across them — and write
 
 from __future__ import annotations
 
-import os
 import socket
 import time
 from collections.abc import Iterator
@@ -62,7 +61,6 @@ class WorkerSettings:
 class ShardTask:
     index: int
     records: tuple[ImageRecord, ...]
-    crash_before_write: bool = False  # fault injection for tests: the worker process dies
 
 
 @dataclass(frozen=True)
@@ -158,8 +156,6 @@ class ShardWorker:
                     good.append((record, outcome))
             if good:
                 blocks += self._certify_chunk(context, good, certified)
-        if task.crash_before_write:
-            os._exit(17)  # simulate a worker killed mid-shard (tests only)
         data = self._parquet_bytes(blocks, {**self.settings.metadata, "written_by": self.written_by})
         storage.write_bytes_atomic(self._location(task.index), data, self.s3)
         return ShardSummary(
