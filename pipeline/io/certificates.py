@@ -11,7 +11,8 @@ from __future__ import annotations
 import io
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Iterable
@@ -203,8 +204,34 @@ def read_metadata(location: str, s3: storage.S3Options | None = None) -> dict[st
     """The run metadata stored in the certificate file at ``location`` (empty if none)."""
     filesystem, path = storage.resolve(location, s3)
     with filesystem.open_input_file(path) as source:
-        raw = (pq.read_schema(source).metadata or {}).get(METADATA_KEY)
+        return _metadata(pq.read_schema(source))
+
+
+def table_metadata(table: pa.Table) -> dict[str, Any]:
+    """The run metadata of a table :func:`read_table` read (empty if none)."""
+    return _metadata(table.schema)
+
+
+def _metadata(schema: pa.Schema) -> dict[str, Any]:
+    raw = (schema.metadata or {}).get(METADATA_KEY)
     return json.loads(raw) if raw else {}
+
+
+def read_parts(locations: Sequence[str],
+               s3: storage.S3Options | None = None) -> Iterator[pa.Table | None]:
+    """The rows of the part file at each of ``locations`` (certificates or attack rows, with
+    their metadata), in order; None where there is no file. Read ahead in threads (on S3 each
+    file is a round trip or two, and 50,000 images make ~200 of them); a file that cannot be
+    read raises when its turn comes, so the caller checks the files in order."""
+
+    def read(location: str) -> pa.Table | None:
+        return read_table(location, s3) if storage.exists(location, s3) else None
+
+    pool = ThreadPoolExecutor(max_workers=16)
+    try:
+        yield from pool.map(read, locations)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def read_table(location: str, s3: storage.S3Options | None = None) -> pa.Table:

@@ -11,13 +11,13 @@ no published number is invented for them.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from typing import Any
 
 from pipeline.io import storage
 from pipeline.report.html import _STYLE, PALETTE, _e, _Frame
+from pipeline.report.write import write_documents
 from scalecert.methods.registry import available_methods, method_info
 
 CITATION = "ScaleCert (Han et al., NeurIPS 2021), Section 3.1 / Fig. 1"
@@ -366,14 +366,5 @@ def write_analysis(out: str, stats: dict[str, Any],
     """Write analysis.json (sorted keys, NaN as null), analysis.md and analysis.html into
     ``out`` (local or s3://); their locations."""
     cleaned = clean_json(stats)
-    files = {
-        "analysis.json": json.dumps(cleaned, indent=2, sort_keys=True, allow_nan=False) + "\n",
-        "analysis.md": render_analysis_markdown(cleaned),
-        "analysis.html": render_analysis_html(cleaned),
-    }
-    locations = []
-    for name, text in files.items():
-        at = storage.join(out, name)
-        storage.write_text_atomic(at, text, s3)
-        locations.append(at)
-    return locations
+    return list(write_documents(out, "analysis", cleaned, render_analysis_markdown(cleaned),
+                                render_analysis_html(cleaned), s3))

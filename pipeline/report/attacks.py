@@ -36,7 +36,6 @@ attack model for it, else in a group of attack model None.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -47,13 +46,13 @@ import pyarrow as pa
 
 from pipeline.io import storage
 from pipeline.io.attack_rows import ALERT, ATTACK_SCHEMA, attack_part_location, is_violation
-from pipeline.io.certificates import read_table
 from pipeline.io.sources import dataset_name
 from pipeline.report.html import _STYLE, PALETTE, _e, _Frame
 from pipeline.report.published import PublishedAttackRow, comparable, load_published_attacks
-from pipeline.report.reduce import (MissingShard, Proportion, ReportRefused, check_fingerprint,
-                                    check_shard_identity, missing_shard, read_manifest, wilson)
+from pipeline.report.reduce import (MissingShard, Proportion, ReportRefused, check_shard_identity,
+                                    read_manifest, read_shards, wilson)
 from pipeline.report.text import model_provenance, num, pct, preprocessing_text
+from pipeline.report.write import write_documents
 
 SCHEMA_VERSION = "scalecert-attack-report/1"
 ROW_KEY = ("image_id", "attack", "patch_px", "method")
@@ -193,25 +192,21 @@ def read_attack_run(out: str, s3: storage.S3Options | None = None) -> AttackRunD
     if manifest.get("job") != "attack":
         raise ReportRefused(f"{storage.join(out, 'manifest.json')}: job {manifest.get('job')!r}, "
                             "not 'attack': not a `scalecert attack` run folder")
-    tables: list[pa.Table] = []
-    missing: list[MissingShard] = []
     grid: set[tuple[str, int, str]] | None = None
-    for shard in manifest["shards"]:
-        index = int(shard["index"])
-        at = attack_part_location(out, index)
-        if not storage.exists(at, s3):
-            missing.append(missing_shard(shard))
-            continue
-        check_fingerprint(at, manifest, s3)
-        table = _conform(at, read_table(at, s3))
-        check_shard_identity(at, table, manifest, index)
+
+    def check(at: str, table: pa.Table, shard: dict[str, Any]) -> pa.Table:
+        nonlocal grid
+        table = _conform(at, table)
+        check_shard_identity(at, table, manifest, int(shard["index"]))
         keys = _check_attack_shard(at, table, manifest, int(shard["images"]))
         if keys and grid is None:
             grid = keys
         elif keys and keys != grid:
             raise ReportRefused(f"{at}: (attack, patch_px, method) grid {sorted(keys)} differs "
                                 f"from the other shards' {sorted(grid or ())}")
-        tables.append(table)
+        return table
+
+    tables, missing = read_shards(out, manifest, attack_part_location, s3, check)
     _refuse_strays(out, manifest, s3)
     rows = pa.concat_tables(tables) if tables else ATTACK_SCHEMA.empty_table()
     frame = rows.select(list(ROW_KEY)).to_pandas()
@@ -222,7 +217,7 @@ def read_attack_run(out: str, s3: storage.S3Options | None = None) -> AttackRunD
                             f"{first['attack']} / {first['method']} at {first['patch_px']} px "
                             "(in two shards)")
     model = (manifest.get("attack") or {}).get("attack_model")
-    return AttackRunData(out, manifest, _fill_attack_model(rows, model), tuple(missing))
+    return AttackRunData(out, manifest, _fill_attack_model(rows, model), missing)
 
 
 def _conform(at: str, table: pa.Table) -> pa.Table:
@@ -659,15 +654,7 @@ def write_attack_report(out_dir: str, run: AttackRunData, figures: Sequence[Atta
                         s3: storage.S3Options | None = None) -> list[str]:
     """Write attack_report.json, attack_report.md and attack_report.html into ``out_dir``
     (local or s3://); their locations."""
-    files = {
-        "attack_report.json": json.dumps(build_attack_report(run, figures), indent=2,
-                                         sort_keys=True, allow_nan=False) + "\n",
-        "attack_report.md": render_attack_markdown(figures, run.manifest, run.missing),
-        "attack_report.html": render_attack_html(figures, run.manifest, run.missing),
-    }
-    locations = []
-    for name, text in files.items():
-        at = storage.join(out_dir, name)
-        storage.write_text_atomic(at, text, s3)
-        locations.append(at)
-    return locations
+    return list(write_documents(
+        out_dir, "attack_report", build_attack_report(run, figures),
+        render_attack_markdown(figures, run.manifest, run.missing),
+        render_attack_html(figures, run.manifest, run.missing), s3))

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,7 +52,7 @@ import pandas as pd
 import pyarrow as pa
 
 from pipeline.io import storage
-from pipeline.io.certificates import part_location, read_metadata, read_table
+from pipeline.io.certificates import part_location, read_parts, table_metadata
 from scalecert.errors import InvalidOption, OutputConflict
 from scalecert.methods.registry import method_info
 
@@ -186,10 +187,10 @@ def missing_shard(shard: dict[str, Any]) -> MissingShard:
                         shard.get("last", ""))
 
 
-def check_fingerprint(at: str, manifest: dict[str, Any],
-                      s3: storage.S3Options | None = None) -> None:
-    """Refuse the Parquet file ``at`` unless its metadata carries the manifest's fingerprint."""
-    fingerprint = read_metadata(at, s3).get("fingerprint")
+def check_fingerprint(at: str, manifest: dict[str, Any], metadata: dict[str, Any]) -> None:
+    """Refuse the Parquet file ``at`` unless its ``metadata`` carries the manifest's
+    fingerprint."""
+    fingerprint = metadata.get("fingerprint")
     if fingerprint != manifest["fingerprint"]:
         raise ReportRefused(
             f"{at}: fingerprint {str(fingerprint)[:16]} differs from manifest.json's "
@@ -202,25 +203,42 @@ def load_run(location: str, s3: storage.S3Options | None = None) -> RunData:
     manifest = read_manifest(location, s3, ("fingerprint", "run_id", "shards", "patch_px",
                                             "config", "dataset"))
     keys_per_image = len(manifest["patch_px"]) * len(manifest["config"]["methods"])
-    tables: list[pa.Table] = []
-    missing: list[MissingShard] = []
-    for shard in manifest["shards"]:
-        index = int(shard["index"])
-        at = part_location(location, index)
-        if not storage.exists(at, s3):
-            missing.append(missing_shard(shard))
-            continue
-        check_fingerprint(at, manifest, s3)
-        table = read_table(at, s3)
-        _check_shard(at, table, manifest, index, int(shard["images"]) * keys_per_image)
-        tables.append(table)
+
+    def check(at: str, table: pa.Table, shard: dict[str, Any]) -> pa.Table:
+        _check_shard(at, table, manifest, int(shard["index"]),
+                     int(shard["images"]) * keys_per_image)
+        return table
+
+    tables, missing = read_shards(location, manifest, part_location, s3, check)
     rows = pa.concat_tables(tables).to_pandas() if tables else _empty_rows()
     duplicated = rows.duplicated(["image_id", "patch_px", "method"])
     if duplicated.any():
         first = rows[duplicated].iloc[0]
         raise ReportRefused(f"{location}: image {first['image_id']} has more than one row for "
                             f"{first['method']} at {first['patch_px']} px")
-    return RunData(location, manifest, rows, tuple(missing))
+    return RunData(location, manifest, rows, missing)
+
+
+def read_shards(
+    location: str, manifest: dict[str, Any], part_at: Callable[[str, int], str],
+    s3: storage.S3Options | None,
+    check: Callable[[str, pa.Table, dict[str, Any]], pa.Table],
+) -> tuple[list[pa.Table], tuple[MissingShard, ...]]:
+    """Every shard the manifest lists, read back from ``part_at(location, index)``: a present
+    one must carry the manifest's fingerprint, then ``check(at, table, shard)`` refuses it or
+    gives its rows as the report takes them; an absent one is *missing*. Certify and attack
+    runs alike."""
+    shards = manifest["shards"]
+    locations = [part_at(location, int(shard["index"])) for shard in shards]
+    tables: list[pa.Table] = []
+    missing: list[MissingShard] = []
+    for shard, at, table in zip(shards, locations, read_parts(locations, s3)):
+        if table is None:
+            missing.append(missing_shard(shard))
+            continue
+        check_fingerprint(at, manifest, table_metadata(table))
+        tables.append(check(at, table, shard))
+    return tables, tuple(missing)
 
 
 def _empty_rows() -> pd.DataFrame:

@@ -1,4 +1,6 @@
-"""Writing a report: report.json, report.md and report.html into a folder (local or s3://)."""
+"""Writing a report: report.json, report.md and report.html into a folder (local or s3://);
+:func:`write_documents` writes every job's three files (the attack report's and the
+analysis' too)."""
 
 from __future__ import annotations
 
@@ -22,18 +24,26 @@ def write_report(report: dict[str, Any], out_dir: str, s3: storage.S3Options | N
                  thumbnails: int = 24) -> WrittenReport:
     """Write report.json, report.md and report.html into ``out_dir`` (local or s3://)."""
     thumbs = alert_thumbnails(report, s3, thumbnails) if thumbnails > 0 else []
+    return WrittenReport(report, write_documents(
+        out_dir, "report", report, render_markdown(report), render_html(report, thumbs), s3))
+
+
+def write_documents(out_dir: str, stem: str, document: dict[str, Any], markdown: str,
+                    html: str, s3: storage.S3Options | None = None) -> tuple[str, ...]:
+    """Write ``<stem>.json`` (sorted keys; NaN refused), ``<stem>.md`` and ``<stem>.html`` into
+    ``out_dir`` (local or s3://), each atomically; their locations."""
     files = {
-        "report.json": json.dumps(report, indent=2, sort_keys=True, allow_nan=False,
-                                  default=_json_default) + "\n",
-        "report.md": render_markdown(report),
-        "report.html": render_html(report, thumbs),
+        f"{stem}.json": json.dumps(document, indent=2, sort_keys=True, allow_nan=False,
+                                   default=_json_default) + "\n",
+        f"{stem}.md": markdown,
+        f"{stem}.html": html,
     }
     locations = []
     for name, text in files.items():
         at = storage.join(out_dir, name)
         storage.write_text_atomic(at, text, s3)
         locations.append(at)
-    return WrittenReport(report, tuple(locations))
+    return tuple(locations)
 
 
 def _json_default(value: Any) -> Any:

@@ -31,7 +31,7 @@ from pipeline.compute.cluster import cluster_resources, init_ray, worker_layout
 from pipeline.compute.models import as_flag_message, load_stored_model, model_fingerprint_fields
 from pipeline.io import storage
 from pipeline.io.attack_rows import attack_part_location
-from pipeline.io.certificates import part_location, read_metadata, read_table
+from pipeline.io.certificates import part_location, read_metadata, read_parts
 from pipeline.io.sources import Dataset, ImageRecord, listing_sha256, open_dataset
 from pipeline.run.attack_config import AttackOptions
 from pipeline.run.config import RunConfig
@@ -207,10 +207,12 @@ class RunSummary:
 def collect(plan: Plan) -> pa.Table:
     """All certificate rows of the run; checks one row per image x patch x method."""
     s3 = storage.S3Options(endpoint=plan.run.s3_endpoint)
-    # in threads: on S3 each file is a round trip, and 50,000 images make ~200 of them
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        tables = list(pool.map(lambda i: read_table(plan.part_location(i), s3),
-                               range(len(plan.shards))))
+    locations = [plan.part_location(index) for index in range(len(plan.shards))]
+    tables = []
+    for at, part in zip(locations, read_parts(locations, s3)):
+        if part is None:
+            raise RunFailed(f"{at}: no such file after the run")
+        tables.append(part)
     table = pa.concat_tables(tables) if tables else pa.table({})
     expected = len(plan.records) * len(plan.patch_pixels) * len(plan.run.methods)
     if table.num_rows != expected:
