@@ -1,8 +1,8 @@
 """ScaleCert: certified patch detection with sparse superficial layers, as a library.
 
-The paper's three stages live in three modules: :mod:`scalecert.sin` (SIN pruning),
-:mod:`scalecert.occlusion` (occluding prediction F(x, m)) and :mod:`scalecert.certify`
-(detection and certification). This package imports torch only: no Ray, S3 or Parquet.
+The paper's stages: :mod:`scalecert.sin` (SIN pruning), the defenses in
+:mod:`scalecert.methods` (one module each: its predictor F(x, m), its rule and certificate) and
+:mod:`scalecert.certify` (the one front door that drives any method over batches of images). This package imports torch only: no Ray, S3 or Parquet.
 
 The names below are loaded on first use, so that ``import scalecert`` (for its version, its
 configuration or its errors) does not import torch: ``scalecert report`` reads Parquet only.

@@ -27,11 +27,8 @@ class CertConfig:
     masks_per_axis / mask_stride: the mask grid, given either way (not both); neither means
         6 masks per axis. With masks_per_axis the stride is the smallest that covers the image.
     r: coverage; every patch position lies inside an r x r block of masks.
-    method: a registered method (:mod:`scalecert.methods`, ``scalecert methods`` lists them):
-        "scalecert" (SIN-pruned model, feature masks), "masking" (Minority Reports certified
-        detection: unpruned model, pixel occlusion, no skipping), "patchcleanser" (double
-        masking, certified recovery) or "patchcleanser_sin" (double masking on the SIN-pruned
-        model's features).
+    method: a registered method (:mod:`scalecert.methods.registry`; ``scalecert methods``
+        lists them with their guarantees).
     layer: superficial layer to split at (None: the model's default, after the first ReLU).
     margin: every computed prediction must beat its runner-up logit by this much to count
         towards a certificate, so float differences between batch compositions cannot flip it.

@@ -16,7 +16,8 @@ from support import assert_scalecert_detection_is_sound
 from pipeline.cli import main
 from pipeline.compute.batches import load_image_folder
 from scalecert import ALERT, CertConfig, Certifier, load_model
-from scalecert.certify import NO_MAJORITY, block_votes, robust_block_majorities
+from scalecert.methods.base import NO_MAJORITY
+from scalecert.methods.detection import block_votes, robust_block_majorities
 from scalecert.errors import InvalidOption
 
 PATCH = 5

@@ -12,13 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import scalecert.certify as certify_module
 from pipeline.compute.batches import load_image_folder
 from scalecert import ALERT, CertConfig, Certifier, load_model
-from scalecert.baselines import OcclusionPredictor
+from scalecert.methods.masking import OcclusionPredictor
 from scalecert.certify import CertifierGroup, CertifyResult, certify_many
 from scalecert.errors import InvalidOption
-from scalecert.occlusion import SinPredictor
+from scalecert.methods.scalecert import SinPredictor
 
 pytestmark = pytest.mark.slow
 
@@ -73,10 +72,6 @@ def test_group_gives_each_settings_own_certificates(
              for config in configs]
 
     prepared = count_preparations(monkeypatch)
-    checked = []
-    check_pixels = certify_module._check_pixels
-    monkeypatch.setattr(certify_module, "_check_pixels",
-                        lambda batch: checked.append(len(batch)) or check_pixels(batch))
     outcomes = CertifierGroup(resnet20, configs, full_map=full_map).certify(images, labels)
     assert [outcome.config for outcome in outcomes] == configs
     for expected, outcome in zip(alone, outcomes):
@@ -85,7 +80,6 @@ def test_group_gives_each_settings_own_certificates(
     keys = {Certifier(resnet20, config).preparation_key for config in configs}
     assert len(keys) == (2 if method == "scalecert" else 1)
     assert prepared == [len(images)] * len(keys)  # the stem once per preparation key
-    assert checked == [len(images)]  # the pixels once for all the settings
 
     prepared.clear()
     many = certify_many(resnet20, images, labels, configs, full_map=full_map)
@@ -159,4 +153,21 @@ def test_a_setting_whose_patch_does_not_fit_is_refused_before_any_work(
         CertifierGroup(resnet20, configs).certify(images[:4], labels[:4])
     with pytest.raises(InvalidOption, match="labels"):
         certify_many(resnet20, images[:4], labels[:3], configs[:1])
+    assert prepared == []
+
+
+def test_group_refuses_a_setting_that_cannot_run_before_any_work(
+    cifar_images, resnet20, monkeypatch
+) -> None:
+    """A patch too large for the images in the last setting, or a bad label, is refused
+    before the first setting prepares anything."""
+    images, labels = cifar_images
+    prepared = count_preparations(monkeypatch)
+    too_large = [CertConfig(patch_px=5), CertConfig(patch_px=40, method="masking")]
+    with pytest.raises(InvalidOption, match="patch_px: a 40 px patch is larger"):
+        CertifierGroup(resnet20, too_large).certify(images, labels)
+    bad_labels = labels.clone()
+    bad_labels[-1] = 10
+    with pytest.raises(InvalidOption, match=r"labels: values must lie in \[0, 10\)"):
+        CertifierGroup(resnet20, [CertConfig(patch_px=5)]).certify(images, bad_labels)
     assert prepared == []

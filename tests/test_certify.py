@@ -7,10 +7,12 @@ import torch
 from support import randomize_batchnorm
 
 from scalecert import ALERT, CertConfig, Certifier, create_model
-from scalecert.baselines import OcclusionPredictor, box_masks
-from scalecert.certify import NOT_EVALUATED, detect_outcome, evaluation_order
+from scalecert.methods.masking import OcclusionPredictor, box_masks
+from scalecert.certify import NOT_EVALUATED
+from scalecert.methods.detection import detect_outcome, evaluation_order
 from scalecert.masks import MaskFamily
-from scalecert.occlusion import EMPTY_BOX, SinPredictor
+from scalecert.methods.base import EMPTY_BOX
+from scalecert.methods.scalecert import SinPredictor
 from scalecert.sin import keep_count, keep_positions, prune
 
 

@@ -32,7 +32,7 @@ from scalecert.geometry import Footprints, Window
 from scalecert.models.cifar_resnet import CIFAR_MEAN, CIFAR_STD
 from scalecert.models import Preprocessing
 from scalecert.models.graph import GraphClassifier
-from scalecert.occlusion import SinPredictor
+from scalecert.methods.scalecert import SinPredictor
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 THIRD_PARTY = Path(__file__).resolve().parent / "thirdparty_resnet.py"

@@ -16,9 +16,10 @@ from support import crafted_patches, pruned_logits, random_patches, randomize_ba
 from pipeline.cli import main
 from pipeline.compute.batches import load_image_folder
 from scalecert import ALERT, CertConfig, Certifier, create_model, load_model
-from scalecert.baselines import box_masks
+from scalecert.methods.masking import box_masks
 from scalecert.errors import InvalidOption
 from scalecert.methods.patchcleanser import recover, recovered_label
+from scalecert.methods.patchcleanser_challenger import CHALLENGER, challenger_label
 from scalecert.sin import keep_count, keep_positions, prune
 
 PATCH = 5
@@ -129,6 +130,49 @@ def test_work_avoidance_gives_the_full_computations_outcomes(seed) -> None:
     assert any((one[i] == 0).all() and (two[i][upper] == 0).all() and not expected[i]
                for i in range(images))
     assert certified.tolist() == expected and any(expected) and not all(expected)
+
+
+def test_the_challenger_game_on_hand_made_maps() -> None:
+    n = 4
+    assert challenger_label(np.array([3, 3, 3, 3]), np.full((n, n), 3)) == 3  # unanimous
+    # window 0 (label 3) is challenged by window 2 (label 5); the pair says 5: window 2 is the
+    # candidate, and the windows left (1, 2, 3 with labels 3, 5, 3) still disagree: window 1
+    # challenges, the pair {2, 1} says 5, window 1 is out; then window 3, pair {2, 3} says 5
+    two = np.full((n, n), 5)
+    assert challenger_label(np.array([3, 3, 5, 3]), two) == 5
+    # every pair says 3: each challenger (window 2) is eliminated at once
+    assert challenger_label(np.array([3, 3, 5, 3]), np.full((n, n), 3)) == 3
+    # no majority: window 0's label 7 beats the three 1s when every pair says 7
+    assert challenger_label(np.array([7, 1, 1, 1]), np.full((n, n), 7)) == 7
+    # games in order: 1 beats 7 (pair {0, 1} says 1), 2's label 4 beats 1, then beats 3's 1
+    two = np.full((n, n), 1)
+    two[1, 2] = two[2, 1] = two[2, 3] = two[3, 2] = 4
+    assert challenger_label(np.array([7, 1, 4, 1]), two) == 4
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_challenger_work_avoidance_gives_the_full_computations_outcomes(seed) -> None:
+    """The game asks for its pairs one at a time: the outcomes of the full map, at most n - 1
+    two-mask runs for an image whose first round disagrees, and the certificate unchanged."""
+    images, n = 40, 9
+    tables = random_tables(images, n, seed)
+    base = torch.zeros(images, dtype=torch.int64)
+    needed = torch.ones(images, n, dtype=torch.bool)
+    labels = torch.zeros(images, dtype=torch.int64)
+    full_result = recover(TableRun(*tables), base, torch.ones(images), needed, labels, 1e-3, 16,
+                          True, rule=CHALLENGER)
+    lean = recover(TableRun(*tables), base, torch.ones(images), needed, labels, 1e-3, 16, False,
+                   rule=CHALLENGER)
+    one, _, two, _ = tables
+    assert lean.output.tolist() == full_result.output.tolist() == [
+        challenger_label(one[i], two[i]) for i in range(images)]
+    assert torch.equal(lean.min_margin >= 1e-3, full_result.min_margin >= 1e-3)
+    disagreeing = torch.from_numpy((one != one[:, :1]).any(axis=1))
+    assert bool(disagreeing.any())
+    assert bool((lean.n_evaluated[disagreeing] <= n + n - 1).all())
+    # double masking's certificate: the same images as with its own rule
+    double = recover(TableRun(*tables), base, torch.ones(images), needed, labels, 1e-3, 16, False)
+    assert torch.equal(lean.min_margin >= 1e-3, double.min_margin >= 1e-3)
 
 
 def test_windows_proved_harmless_take_the_unmasked_prediction_without_a_run() -> None:
@@ -255,6 +299,7 @@ def test_certified_images_have_every_one_mask_prediction_right(cleanser_runs, te
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("method", "checkpoint"), [("patchcleanser", MASKING_CHECKPOINT),
+                                                    ("patchcleanser_challenger", MASKING_CHECKPOINT),
                                                     ("patchcleanser_sin", SCALECERT_CHECKPOINT)])
 def test_a_certified_image_keeps_its_label_under_a_patch_anywhere(
         method, checkpoint, test_images) -> None:
@@ -269,7 +314,7 @@ def test_a_certified_image_keeps_its_label_under_a_patch_anywhere(
     assert len(chosen) > 0, f"{method}: none of {len(images)} images certified"
     image, label = images[chosen[0]], int(labels[chosen[0]])
     predictor = certifier.predictor
-    logits_of = model if method == "patchcleanser" else (lambda x: pruned_logits(predictor, x))
+    logits_of = model if method != "patchcleanser_sin" else (lambda x: pruned_logits(predictor, x))
     variants = {"random": random_patches(image, PATCH, seed=0),
                 "crafted": crafted_patches(logits_of, image, label, PATCH, seed=5)}
     fooled = 0

@@ -18,7 +18,7 @@ from support import crafted_patches, patch_masks, pruned_logits, random_patches
 
 from pipeline.compute.batches import load_image_folder
 from scalecert import ALERT, CertConfig, Certifier, load_model
-from scalecert.occlusion import SinPredictor
+from scalecert.methods.scalecert import SinPredictor
 from scalecert.precision import margins
 
 pytestmark = pytest.mark.slow

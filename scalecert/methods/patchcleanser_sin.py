@@ -15,16 +15,21 @@ import torch
 
 from scalecert.config import CertConfig
 from scalecert.methods import scalecert
-from scalecert.methods.patchcleanser import recover
+from scalecert.methods.patchcleanser import DOUBLE_MASKING, RecoveryRule
 from scalecert.models.base import StagedClassifier
-from scalecert.occlusion import SinPredictor
-
-__all__ = ["defended_logits", "predictor", "recover"]
 
 
-def predictor(model: StagedClassifier, config: CertConfig) -> SinPredictor:
+def predictor(model: StagedClassifier, config: CertConfig) -> scalecert.SinPredictor:
     """F(x, m) and F(x, {a, b}) on the SIN-pruned model (ScaleCert's predictor)."""
     return scalecert.predictor(model, config)
+
+
+def build(model: StagedClassifier, config: CertConfig) -> RecoveryRule:
+    """Double masking on the SIN predictor; shares prepared stems with ScaleCert's settings of
+    the same layer and top-k."""
+    sin = predictor(model, config)
+    return RecoveryRule(sin, config, DOUBLE_MASKING, pruned=True,
+                        preparation_key=scalecert.preparation_key(sin))
 
 
 def defended_logits(

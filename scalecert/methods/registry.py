@@ -2,9 +2,11 @@
 report validate and list methods through this); :func:`load_method` imports a method's module.
 
 One immutable mapping, like the model registry. Method ``name`` lives in the module
-``scalecert.methods.<name>``, which defines ``predictor(model, config)`` and
-``defended_logits(model, config, images, windows)``; a ``recovery`` method's module also defines
-``recover`` (its rule, which :class:`~scalecert.certify.Certifier` drives instead of detection).
+``scalecert.methods.<name>``, which defines ``build(model, config)`` (the
+:class:`~scalecert.methods.base.Method` a :class:`~scalecert.certify.Certifier` drives: its
+predictor, what it prepares and shares, its rule and certificate), ``predictor(model, config)``
+(F(x, m), which attacks and audits use) and ``defended_logits(model, config, images, windows)``
+(the forward pass fine-tuning trains). Adding a method is its module and one entry here.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ class MethodInfo:
     name: str
     guarantee: str
     summary: str
-    pruned: bool  # whether M is the SIN-pruned model (then the undefended model differs from M)
 
     def __post_init__(self) -> None:
         if self.guarantee not in GUARANTEES:
@@ -68,22 +69,26 @@ class MethodInfo:
 
 _METHODS: Mapping[str, MethodInfo] = MappingProxyType({
     "scalecert": MethodInfo(
-        name="scalecert", guarantee="detection", pruned=True,
+        name="scalecert", guarantee="detection",
         summary="ScaleCert: SIN-pruned model, windows removed from the superficial features; "
                 "windows that miss the kept positions need no run"),
     "masking": MethodInfo(
-        name="masking", guarantee="detection", pruned=False,
+        name="masking", guarantee="detection",
         summary="Minority Reports certified detection: the unpruned model on images with each "
                 "window's pixels occluded"),
     "patchcleanser": MethodInfo(
-        name="patchcleanser", guarantee="recovery", pruned=False,
+        name="patchcleanser", guarantee="recovery",
         summary="PatchCleanser double masking (certified recovery): the unpruned model on "
                 "images with one, then two windows' pixels occluded"),
     "patchcleanser_sin": MethodInfo(
-        name="patchcleanser_sin", guarantee="recovery", pruned=True,
+        name="patchcleanser_sin", guarantee="recovery",
         summary="double masking on the SIN-pruned model: one or two windows' footprints "
                 "removed from the superficial features; pairs that miss the kept positions "
                 "need no run"),
+    "patchcleanser_challenger": MethodInfo(
+        name="patchcleanser_challenger", guarantee="recovery",
+        summary="PatchCleanser challenger masking (certified recovery): double masking's "
+                "certificate; the recovered label from a game of window pairs (at most n - 1)"),
 })
 
 
