@@ -414,29 +414,34 @@ def finetune_command(config_path: str | None, quiet: bool, **options: Any) -> No
               help="Where the synthetic data and the trained model are kept (reused).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def demo_command(out: str, workdir: str, quiet: bool) -> None:
-    """The embedded default: synthetic data, a SIN-trained model, local Ray, Parquet in runs/."""
+    """The embedded default: synthetic data, a SIN-trained model, local Ray, Parquet in runs/,
+    and the run's report (report.html, .md and .json) beside them."""
     from pipeline.compute.cluster import set_torch_threads
+    from pipeline.io import storage
     from pipeline.demo.model import demo_cert_config, train_demo_model
     from pipeline.demo.synthetic import write_synthetic_dataset
     from pipeline.run.config import RunConfig
 
     set_torch_threads(os.cpu_count() or 1)
     work = Path(workdir)
-    click.echo(f"1/3 synthetic data set (procedural, 10 classes, 32x32) in {work / 'data'}")
+    click.echo(f"1/4 synthetic data set (procedural, 10 classes, 32x32) in {work / 'data'}")
     data = write_synthetic_dataset(work / "data")
-    click.echo("2/3 SIN fine-tuning of cifar_resnet20 on it, from scratch (reused when present)")
+    click.echo("2/4 SIN fine-tuning of cifar_resnet20 on it, from scratch (reused when present)")
     checkpoint = train_demo_model(
         data, work / "model" / "cifar_resnet20-synthetic.pt",
         on_epoch=lambda m: click.echo(f"    epoch {m.epoch}: loss {m.loss:.3f}, "
                                       f"train accuracy {100 * m.accuracy:.1f}%"))
     cert = demo_cert_config()
-    click.echo(f"3/3 certifying the test split through the pipeline (local Ray) into {out}")
+    click.echo(f"3/4 certifying the test split through the pipeline (local Ray) into {out}")
     run = RunConfig(
         data=str(Path(data) / "test"), model="cifar_resnet20", checkpoint=str(checkpoint),
         out=out, patches=(str(cert.patch_px),), methods=("scalecert",),
         top_k=cert.top_k, masks_per_axis=cert.masks_per_axis or 6, shard_size=100,
     )
     _run_and_report(run, quiet)
+    click.echo(f"4/4 the run's report, as `scalecert report {out}` writes it")
+    click.get_current_context().invoke(report_command, run=out)
+    click.echo(f"open {storage.join(out, 'report.html')} to see what the run found")
 
 
 EXIT_AUDIT_FAILED = 3

@@ -192,6 +192,32 @@ def test_training_needs_a_train_split(tmp_path: Path) -> None:
         train_demo_model(tmp_path, tmp_path / "demo.pt")
 
 
+def test_the_demo_ends_with_the_runs_report_and_says_where_it_is(tmp_path: Path,
+                                                                   monkeypatch) -> None:
+    """The demo's last step writes the report `scalecert report <out>` writes, and prints where
+    it is; here its data, training and certification are stand-ins (a finished run's folder),
+    the end-to-end test below runs them for real."""
+    import pipeline.cli as cli
+    import pipeline.demo.model as demo_model
+    from click.testing import CliRunner
+    from test_report import ok_row, write_run
+
+    out = tmp_path / "run"
+    write_run(out, [[ok_row(f"cat/{i:04d}.png", 3, 3, certified=i % 2 == 0) for i in range(4)]])
+    monkeypatch.setattr(synthetic, "write_synthetic_dataset", lambda root: Path(root))
+    monkeypatch.setattr(demo_model, "train_demo_model", lambda data, path, on_epoch: path)
+    monkeypatch.setattr(cli, "_run_and_report", lambda run, quiet: None)
+    result = CliRunner().invoke(cli.main, ["demo", "--quiet", "--out", str(out),
+                                           "--workdir", str(tmp_path / "work")])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    report = json.loads((out / "report.json").read_text())
+    assert report["groups"][0]["certified_accuracy"]["successes"] == 2
+    assert (out / "report.md").is_file() and (out / "report.html").is_file()
+    assert "4/4 the run's report" in result.output
+    assert f"wrote {out / 'report.json'}" in result.output
+    assert result.output.rstrip().endswith(f"open {out / 'report.html'} to see what the run found")
+
+
 @pytest.mark.slow
 def test_scalecert_demo_end_to_end_quietly_then_idempotent(tmp_path: Path) -> None:
     """`scalecert demo` (what `make demo` runs) as its own process: generation, SIN training
@@ -219,6 +245,9 @@ def test_scalecert_demo_end_to_end_quietly_then_idempotent(tmp_path: Path) -> No
     assert pruned >= 0.9, pruned
     assert certified >= 0.5, certified
     assert f"certified accuracy scalecert    5 px: {100 * certified:5.1f}%" in first.stdout
+    report = json.loads((tmp_path / "run" / "report.json").read_text())  # the demo's last step
+    assert report["groups"][0]["certified_accuracy"]["value"] == certified
+    assert f"open {tmp_path / 'run' / 'report.html'}" in first.stdout
 
     second = CliRunner().invoke(main, args)
     assert second.exit_code == 0, second.output + repr(second.exception)
