@@ -26,7 +26,8 @@ ALLOWED = {
     "scalecert": {"scalecert"},
     "pipeline": set(),  # the package's __init__ (a docstring)
     "pipeline.io": {"scalecert.errors"},
-    "pipeline.options": {"scalecert.errors"},
+    # the library's certification settings (torch-free): every job's defaults and CertConfig
+    "pipeline.options": {"scalecert.errors", "scalecert.config"},
     # the method registry (names, guarantees) is torch-free: the report reads guarantees there
     "pipeline.report": {"pipeline.io", "scalecert.errors", "scalecert.methods.registry"},
     "pipeline.compute": {"pipeline.io", "scalecert"},
