@@ -14,7 +14,8 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from pipeline.compute.batches import load_spread
 from pipeline.compute.models import PREPROCESSING_OPTIONS, as_flag_message, load_stored_model
 from pipeline.io.images import Preprocess
 from pipeline.io import storage
-from pipeline.options import as_flag_errors, load_yaml, positive_int, require
+from pipeline.options import positive_int, read_options, require, split_off
 from pipeline.run.attack_config import AttackOptions
 from pipeline.run.config import RunConfig
 from scalecert import __version__
@@ -37,9 +38,11 @@ DEFAULT_ALPHAS = (0.0, 0.5, 1.0, 2.0, 4.0)
 # The attack options `scalecert analyze` offers (the attack itself is always per-image).
 ATTACK_KEYS = ("attack_model", "steps", "restarts", "step_size", "location", "seed")
 # The run options it offers; the YAML file takes these keys and the analysis' own.
-RUN_KEYS = ("data", "model", "checkpoint", "patch", "patches", "method", "methods", "top_k",
-            "masks_per_axis", "layer", "out", "s3_endpoint", *PREPROCESSING_OPTIONS)
+RUN_KEYS = ("data", "model", "checkpoint", "patches", "methods", "top_k", "masks_per_axis",
+            "layer", "out", "s3_endpoint", *PREPROCESSING_OPTIONS)
 OWN_KEYS = ("images", "count", "alphas")
+# repeatable options: flag (and YAML) name -> field; one value becomes a tuple
+REPEATABLE = {**RunConfig.REPEATABLE, "alpha": "alphas"}
 
 
 def paper_attack() -> AttackOptions:
@@ -92,27 +95,16 @@ class AnalyzeRun:
         return self.run.methods[0]
 
     @classmethod
-    def from_sources(cls, yaml_path: str | Path | None, overrides: dict[str, Any]) -> "AnalyzeRun":
+    def from_sources(cls, yaml_path: str | Path | None, flags: Mapping[str, Any]) -> AnalyzeRun:
         """Options from a YAML file (keys as on the command line, ``alpha`` a list) with
-        ``overrides`` (the flags given) taking precedence; the attack's keys go to
-        :class:`AttackOptions`, ``images``, ``count`` and ``alphas`` stay here, the rest go
-        to :class:`RunConfig`."""
-        values: dict[str, Any] = {}
-        if yaml_path is not None:
-            known = frozenset(RUN_KEYS + ATTACK_KEYS + OWN_KEYS + ("alpha",))
-            values.update(load_yaml(yaml_path, known))
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        if "alpha" in values:
-            values["alphas"] = values.pop("alpha")
-        if "alphas" in values and not isinstance(values["alphas"], (tuple, list)):
-            values["alphas"] = (values["alphas"],)
-        attack = {k: values.pop(k) for k in ATTACK_KEYS if k in values}
-        options = AttackOptions(**{"attack_model": "undefended", **attack})
-        own = {k: values.pop(k) for k in OWN_KEYS if k in values}
-        unknown = sorted(set(values) - set(RUN_KEYS))
-        if unknown:
-            raise InvalidOption(f"unknown option(s) for analyze: {', '.join(unknown)}")
-        return cls(run=RunConfig.from_sources(None, values), options=options, **own)
+        ``flags`` (the flags given) taking precedence; the attack's keys go to
+        :class:`AttackOptions` (over :func:`paper_attack`), ``images``, ``count`` and
+        ``alphas`` stay here, the rest go to :class:`RunConfig`."""
+        values = read_options(yaml_path, flags, RUN_KEYS + ATTACK_KEYS + OWN_KEYS, REPEATABLE,
+                              RunConfig.REQUIRED)
+        options = AttackOptions(**{**asdict(paper_attack()), **split_off(values, ATTACK_KEYS)})
+        own = split_off(values, OWN_KEYS)
+        return cls(run=RunConfig(**values), options=options, **own)
 
 
 def run_analysis(run: AnalyzeRun, log: Callable[[str], None] = lambda line: None) -> dict[str, Any]:

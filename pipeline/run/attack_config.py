@@ -8,11 +8,19 @@ The attack options enter the run fingerprint, so changing any of them needs a ne
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from pipeline.options import as_flag_errors, load_yaml, positive_int, require
+from pipeline.options import (
+    as_flag_errors,
+    option_names,
+    positive_int,
+    read_options,
+    require,
+    split_off,
+)
 from pipeline.run.config import RunConfig
 from scalecert.attack_registry import attack_info, available_attacks
 from scalecert.attacks import ATTACK_MODELS, AttackConfig
@@ -63,7 +71,13 @@ class AttackOptions:
         return as_flag_errors(lambda: AttackConfig(patch_px=patch_px, **shared))
 
     def to_dict(self) -> dict[str, Any]:
+        """The attack options as the manifest records them (``attack``)."""
         return asdict(self)
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        """The attack options as the run fingerprint takes them; the run's own options enter
+        it as for certify."""
+        return {"job": "attack", **self.to_dict()}
 
 
 @dataclass(frozen=True)
@@ -73,21 +87,12 @@ class AttackRun:
     run: RunConfig
     options: AttackOptions
 
-    def fingerprint_fields(self) -> dict[str, Any]:
-        """The attack options; the run's own fields enter the fingerprint as for certify."""
-        return {"job": "attack", **self.options.to_dict()}
-
     @classmethod
-    def from_sources(cls, yaml_path: str | Path | None, overrides: dict[str, Any]) -> "AttackRun":
+    def from_sources(cls, yaml_path: str | Path | None, flags: Mapping[str, Any]) -> AttackRun:
         """Options from a YAML file with flags taking precedence, as for ``certify``; the
         attack's keys go to :class:`AttackOptions`, the rest to :class:`RunConfig`."""
-        attack_names = frozenset(f.name for f in fields(AttackOptions))
-        values: dict[str, Any] = {}
-        if yaml_path is not None:
-            known = frozenset({f.name for f in fields(RunConfig)} | {"patch", "method"}
-                              | attack_names)
-            values.update(load_yaml(yaml_path, known))
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        attack_values = {k: values.pop(k) for k in list(values) if k in attack_names}
-        options = AttackOptions(**attack_values)  # refused before the run options are read
-        return cls(run=RunConfig.from_sources(None, values), options=options)
+        attack_names = option_names(AttackOptions)
+        values = read_options(yaml_path, flags, option_names(RunConfig) | attack_names,
+                              RunConfig.REPEATABLE, RunConfig.REQUIRED)
+        options = AttackOptions(**split_off(values, attack_names))  # before the run's options
+        return cls(run=RunConfig(**values), options=options)

@@ -1,16 +1,21 @@
 """The run configuration: every option of ``scalecert certify``, validated before any work.
 
-A ``RunConfig`` comes from command-line flags over an optional YAML file. ``fingerprint_fields``
-are the options that change results; workers, addresses, batch sizes, precision and compilation
-do not (the fast path re-checks close calls in fp32, see :mod:`scalecert.precision`), so a run
-can be resumed with another cluster shape.
+A ``RunConfig`` comes from command-line flags over an optional YAML file
+(:func:`pipeline.options.read_options`, as for every job). Its certification settings default
+to the library's (:data:`pipeline.options.CERT_DEFAULTS`) and map onto one
+:class:`~scalecert.config.CertConfig` per (patch, method) through
+:func:`pipeline.options.cert_config`. ``to_dict`` is the run's options as the manifest records
+them; ``fingerprint_fields`` picks from it the options that change results; workers,
+addresses, batch sizes, precision and compilation do not (the fast path re-checks close calls
+in fp32, see :mod:`scalecert.precision`), so a run can be resumed with another cluster shape.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -19,10 +24,17 @@ from pipeline.compute.models import (
     check_model_options,
     declared_preprocessing,
 )
-from pipeline.options import PatchSize, as_flag_errors, load_yaml, positive_int, require
+from pipeline.options import (
+    CERT_DEFAULTS,
+    PatchSize,
+    cert_config,
+    option_names,
+    positive_int,
+    read_options,
+    require,
+)
 from scalecert.certify import default_batch_size
-from scalecert.config import DEFAULT_WINDOW_LAYOUT, CertConfig
-from scalecert.errors import InvalidOption
+from scalecert.config import CertConfig
 from scalecert.methods.registry import available_methods
 from scalecert.models import Preprocessing
 from scalecert.precision import FastPath
@@ -30,7 +42,22 @@ from scalecert.precision import FastPath
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Options of one certification run (see ``scalecert certify --help``)."""
+    """Options of one certification run (see ``scalecert certify --help``).
+
+    ``patches`` holds each size as its canonical text (``2.4%``, ``5``), parsed once, here:
+    :attr:`patch_sizes` keeps the parsed sizes.
+    """
+
+    # repeatable options: flag (and YAML) name -> field; and the options that must be given
+    REPEATABLE: ClassVar[Mapping[str, str]] = {"patch": "patches", "method": "methods"}
+    REQUIRED: ClassVar[tuple[str, ...]] = ("data", "model", "out", "patches")
+    # the fingerprint's options; the OPTIONAL ones enter only when not at their default, so
+    # runs of earlier versions (which had no such option) keep resuming
+    FINGERPRINT: ClassVar[tuple[str, ...]] = (
+        "data", "model", "patches", "methods", "top_k", "masks_per_axis", "r", "layer",
+        "margin", "full_map", "ground_truth", "shard_size", "limit")
+    OPTIONAL: ClassVar[tuple[str, ...]] = (
+        "alert_confidence", "vote", "window_layout", *PREPROCESSING_OPTIONS)
 
     data: str
     model: str
@@ -43,15 +70,16 @@ class RunConfig:
     interpolation: str | None = None
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
-    methods: tuple[str, ...] = ("scalecert",)
-    top_k: float = 0.15
-    masks_per_axis: int = 6
-    r: int = 1
-    layer: str | None = None
-    margin: float = 1e-3
-    alert_confidence: float | None = None
-    vote: str = "unanimous"
-    window_layout: str = DEFAULT_WINDOW_LAYOUT  # scalecert.config.WINDOW_LAYOUTS
+    # the certification settings: the library's defaults (CertConfig's)
+    methods: tuple[str, ...] = (CERT_DEFAULTS.method,)
+    top_k: float = CERT_DEFAULTS.top_k
+    masks_per_axis: int = CERT_DEFAULTS.masks_per_axis  # 6: CertConfig resolves its None
+    r: int = CERT_DEFAULTS.r
+    layer: str | None = CERT_DEFAULTS.layer
+    margin: float = CERT_DEFAULTS.margin
+    alert_confidence: float | None = CERT_DEFAULTS.alert_confidence
+    vote: str = CERT_DEFAULTS.vote
+    window_layout: str = CERT_DEFAULTS.window_layout  # scalecert.config.WINDOW_LAYOUTS
     full_map: bool = False
     ground_truth: str | None = None
     synsets: str | None = None
@@ -74,7 +102,9 @@ class RunConfig:
         check_model_options(self)
         patches = tuple(str(p) for p in self.patches)
         require(len(patches) > 0, "patch", "at least one patch size")
-        object.__setattr__(self, "patches", tuple(str(PatchSize.parse(p)) for p in patches))
+        sizes = tuple(PatchSize.parse(p) for p in patches)  # the one parse of the patches
+        object.__setattr__(self, "_patch_sizes", sizes)
+        object.__setattr__(self, "patches", tuple(str(size) for size in sizes))
         require(len(set(self.patches)) == len(self.patches), "patch", "distinct patch sizes")
         methods = tuple(self.methods)
         require(len(methods) > 0, "method", "at least one method")
@@ -109,12 +139,7 @@ class RunConfig:
 
     def cert_config(self, patch_px: int, method: str) -> CertConfig:
         """The library configuration for one (patch size in pixels, method)."""
-        return as_flag_errors(lambda: CertConfig(
-            patch_px=patch_px, top_k=self.top_k, masks_per_axis=self.masks_per_axis,
-            r=self.r, method=method, layer=self.layer, margin=self.margin,
-            alert_confidence=self.alert_confidence, vote=self.vote,
-            window_layout=self.window_layout,
-        ))
+        return cert_config(self, patch_px, method)
 
     def preprocessing(self) -> Preprocessing:
         """The preprocessing declared by ``--input-size`` ... ``--std`` (None fields: the
@@ -136,48 +161,34 @@ class RunConfig:
         fuse_bn = True if self.fuse_bn == "auto" else bool(self.fuse_bn)
         return FastPath(precision=precision, compile=compile_g, fuse_bn=fuse_bn)
 
+    @property
+    def patch_sizes(self) -> tuple[PatchSize, ...]:
+        """The patch sizes, as parsed when the options were validated."""
+        return self._patch_sizes  # type: ignore[attr-defined]
+
     def patch_pixels(self, side: int) -> tuple[int, ...]:
-        return tuple(PatchSize.parse(p).pixels(side) for p in self.patches)
+        """Each patch's side in pixels on ``side`` x ``side`` images."""
+        return tuple(size.pixels(side) for size in self.patch_sizes)
 
     def fingerprint_fields(self) -> dict[str, Any]:
-        """The options that determine the certificates (for the run fingerprint)."""
-        keep = ("data", "model", "patches", "methods", "top_k", "masks_per_axis", "r", "layer",
-                "margin", "full_map", "ground_truth", "shard_size", "limit")
-        fields_ = {name: _jsonable(getattr(self, name)) for name in keep}
-        # new options enter only when set, so runs of earlier versions keep resuming
-        if self.alert_confidence is not None:
-            fields_["alert_confidence"] = self.alert_confidence
-        if self.vote != "unanimous":
-            fields_["vote"] = self.vote
-        if self.window_layout != DEFAULT_WINDOW_LAYOUT:
-            fields_["window_layout"] = self.window_layout
-        for name in PREPROCESSING_OPTIONS:
-            if getattr(self, name) is not None:
-                fields_[name] = _jsonable(getattr(self, name))
-        return fields_
+        """The options that determine the certificates (for the run fingerprint), as
+        :meth:`to_dict` records them."""
+        recorded = self.to_dict()
+        defaults = {f.name: f.default for f in fields(self)}
+        return {**{name: recorded[name] for name in self.FINGERPRINT},
+                **{name: recorded[name] for name in self.OPTIONAL
+                   if getattr(self, name) != defaults[name]}}
 
     def to_dict(self) -> dict[str, Any]:
+        """Every option, JSON-ready (tuples as lists): the manifest's ``config``."""
         return {k: _jsonable(v) for k, v in asdict(self).items()}
 
     @classmethod
-    def from_sources(cls, yaml_path: str | Path | None, overrides: dict[str, Any]) -> "RunConfig":
+    def from_sources(cls, yaml_path: str | Path | None, flags: Mapping[str, Any]) -> RunConfig:
         """Options from a YAML file (keys as on the command line, dashes or underscores), with
-        ``overrides`` (flags the user gave) taking precedence."""
-        values: dict[str, Any] = {}
-        if yaml_path is not None:
-            known = frozenset({f.name for f in fields(cls)} | {"patch", "method"})
-            values.update(load_yaml(yaml_path, known))
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        for plural, singular in (("patches", "patch"), ("methods", "method")):
-            if singular in values:
-                values[plural] = values.pop(singular)
-            if isinstance(values.get(plural), (str, int, float)):
-                values[plural] = (values[plural],)
-        missing = [name for name in ("data", "model", "out", "patches") if name not in values]
-        if missing:
-            flags = ", ".join("--" + ("patch" if m == "patches" else m) for m in missing)
-            raise InvalidOption(f"missing required option(s): {flags}")
-        return cls(**values)
+        ``flags`` (the flags given) taking precedence."""
+        return cls(**read_options(yaml_path, flags, option_names(cls), cls.REPEATABLE,
+                                  cls.REQUIRED))
 
 
 def _jsonable(value: Any) -> Any:

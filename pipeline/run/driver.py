@@ -141,7 +141,7 @@ def make_plan(run: RunConfig, attack: AttackOptions | None = None) -> Plan:
               "dataset": listing, "version": __version__, "patch_px": list(patch_pixels),
               **model_fingerprint_fields(run.model, model)}
     if attack is not None:
-        fields["attack"] = {"job": "attack", **attack.to_dict()}
+        fields["attack"] = attack.fingerprint_fields()
     fingerprint = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
     return Plan(run, dataset, records, shards, image_side, patch_pixels, checkpoint_sha,
                 fingerprint, attack, model.num_classes, model.preprocessing,

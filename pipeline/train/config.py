@@ -1,31 +1,42 @@
 """The fine-tuning run configuration: every option of ``scalecert finetune``, validated once.
 
-A ``FinetuneRun`` comes from command-line flags over an optional YAML file, like the
-certification ``RunConfig``. ``fingerprint_fields`` are the options that change the trained
-weights; workers, devices and addresses do not, so an interrupted run can be resumed on
-another cluster shape.
+A ``FinetuneRun`` comes from command-line flags over an optional YAML file, read as for the
+certification ``RunConfig`` (:func:`pipeline.options.read_options`). Its certification
+settings and training settings default to the library's (:class:`~scalecert.config.CertConfig`,
+:class:`~scalecert.training.FinetuneConfig`). ``fingerprint_fields`` are the options that
+change the trained weights; workers, devices and addresses do not, so an interrupted run can be
+resumed on another cluster shape.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pipeline.compute.models import (
     PREPROCESSING_OPTIONS,
     check_model_options,
     declared_preprocessing,
 )
-from pipeline.options import PatchSize, as_flag_errors, load_yaml, positive_int, require
+from pipeline.options import (
+    CERT_DEFAULTS,
+    PatchSize,
+    as_flag_errors,
+    cert_config,
+    option_names,
+    positive_int,
+    read_options,
+    require,
+)
 from scalecert.config import CertConfig
-from scalecert.errors import InvalidOption
 from scalecert.methods.registry import available_methods
 from scalecert.models import Preprocessing, parse_spec
 from scalecert.training import FinetuneConfig
 
-_LIBRARY = FinetuneConfig(cert=CertConfig(patch_px=1))  # the library's training defaults
+_LIBRARY = FinetuneConfig(cert=CERT_DEFAULTS)  # the library's training defaults
 
 
 @dataclass(frozen=True)
@@ -34,7 +45,10 @@ class FinetuneRun:
 
     ``batch_size`` is the global batch (split evenly over the workers), so the optimisation is
     the same whatever the number of workers; ``lr`` follows a cosine schedule over all steps.
+    ``patch`` is the size's canonical text (``2.4%``, ``5``), parsed once, here.
     """
+
+    REQUIRED: ClassVar[tuple[str, ...]] = ("data", "model", "out", "patch")
 
     data: str
     model: str
@@ -47,12 +61,13 @@ class FinetuneRun:
     interpolation: str | None = None
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
-    method: str = "scalecert"
-    top_k: float = 0.15
-    masks_per_axis: int = 6
-    r: int = 1
-    layer: str | None = None
-    epochs: int = 10
+    # the certification setting trained for: the library's defaults (CertConfig's)
+    method: str = CERT_DEFAULTS.method
+    top_k: float = CERT_DEFAULTS.top_k
+    masks_per_axis: int = CERT_DEFAULTS.masks_per_axis  # 6: CertConfig resolves its None
+    r: int = CERT_DEFAULTS.r
+    layer: str | None = CERT_DEFAULTS.layer
+    epochs: int = 10  # the library's FinetuneConfig trains 1 epoch; a run of the command, 10
     batch_size: int = _LIBRARY.batch_size
     lr: float = _LIBRARY.lr
     momentum: float = _LIBRARY.momentum
@@ -78,7 +93,9 @@ class FinetuneRun:
                 "a model that can train: an exported program (export:) is fixed in eval mode "
                 "when it is exported (batch norm statistics, dropout); fine-tune it through "
                 "file: or module: and export the result again")
-        object.__setattr__(self, "patch", str(PatchSize.parse(self.patch)))
+        size = PatchSize.parse(self.patch)  # the one parse of the patch
+        object.__setattr__(self, "_patch_size", size)
+        object.__setattr__(self, "patch", str(size))
         require(self.method in available_methods(), "method",
                 f"one of {', '.join(available_methods())}, got "
                 f"{self.method!r}")
@@ -108,12 +125,14 @@ class FinetuneRun:
         model's own)."""
         return declared_preprocessing(self)
 
+    @property
+    def patch_size(self) -> PatchSize:
+        """The patch size, as parsed when the options were validated."""
+        return self._patch_size  # type: ignore[attr-defined]
+
     def cert_config(self, image_side: int) -> CertConfig:
         """The certification setting trained for, on ``image_side`` x ``image_side`` inputs."""
-        return as_flag_errors(lambda: CertConfig(
-            patch_px=PatchSize.parse(self.patch).pixels(image_side), top_k=self.top_k,
-            masks_per_axis=self.masks_per_axis, r=self.r, method=self.method, layer=self.layer,
-        ))
+        return cert_config(self, self.patch_size.pixels(image_side), self.method)
 
     def finetune_config(self, image_side: int) -> FinetuneConfig:
         """The library's training settings for ``image_side`` x ``image_side`` inputs."""
@@ -134,9 +153,6 @@ class FinetuneRun:
         skip.update(name for name in PREPROCESSING_OPTIONS if getattr(self, name) is None)
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
     def command_line(self) -> str:
         """The ``scalecert finetune`` command for these options (defaults left out)."""
         words = ["scalecert", "finetune"]
@@ -154,14 +170,6 @@ class FinetuneRun:
         return " ".join(words)
 
     @classmethod
-    def from_sources(cls, yaml_path: str | Path | None, overrides: dict[str, Any]) -> FinetuneRun:
+    def from_sources(cls, yaml_path: str | Path | None, flags: Mapping[str, Any]) -> FinetuneRun:
         """Options from a YAML file (keys as on the command line), flags taking precedence."""
-        values: dict[str, Any] = {}
-        if yaml_path is not None:
-            values.update(load_yaml(yaml_path, frozenset(f.name for f in fields(cls))))
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        missing = [name for name in ("data", "model", "out", "patch") if name not in values]
-        if missing:
-            raise InvalidOption("missing required option(s): "
-                             + ", ".join(f"--{name}" for name in missing))
-        return cls(**values)
+        return cls(**read_options(yaml_path, flags, option_names(cls), required=cls.REQUIRED))
