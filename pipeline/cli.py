@@ -10,10 +10,46 @@ from typing import Any
 import click
 
 from scalecert import __version__
-from scalecert.attack_registry import DEFAULT_ATTACK, available_attacks, describe_attacks
+from scalecert.attack_registry import available_attacks, describe_attacks
 from scalecert.config import WINDOW_LAYOUTS
 from scalecert.errors import Refusal
 from scalecert.methods.registry import available_methods
+
+
+class _DefaultInHelp(click.Option):
+    """A flag whose help names a default defined elsewhere, written once there: ``{run.top_k}``
+    in its help is filled from :func:`_defaults` when the help is shown (the jobs' options
+    are imported only then, so `scalecert` itself starts quickly and without torch)."""
+
+    @property  # type: ignore[override]
+    def help(self) -> str | None:
+        return None if self._help is None else self._help.format_map(_defaults())
+
+    @help.setter
+    def help(self, text: str | None) -> None:
+        self._help = text
+
+
+def _option(*decls: str, **attrs: Any) -> Any:
+    """``click.option`` for a flag whose help names its default (:class:`_DefaultInHelp`)."""
+    return click.option(*decls, cls=_DefaultInHelp, **attrs)
+
+
+def _defaults() -> dict[str, Any]:
+    """Where the defaults the help names are kept: each job's options class, whose field
+    defaults are the command's (its certification settings the library's CertConfig's, its
+    training and attack settings FinetuneConfig's and AttackConfig's)."""
+    from pipeline.run.analyze import AnalyzeRun, paper_attack
+    from pipeline.run.attack_config import AttackOptions
+    from pipeline.run.config import RunConfig
+    from pipeline.train.config import FinetuneRun
+    from scalecert.certify import default_batch_size
+
+    return {"run": RunConfig, "attack": AttackOptions, "finetune": FinetuneRun,
+            "analyze": AnalyzeRun, "paper": paper_attack(),
+            "alphas": ", ".join(f"{alpha:g}" for alpha in AnalyzeRun.alphas),
+            "augment": "on" if FinetuneRun.augment else "off",
+            "g_batch": {device: default_batch_size(device) for device in ("cpu", "cuda")}}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -77,25 +113,29 @@ _RUN_OPTIONS = (
                  "key names; default: the weights the spec builds (random for built-ins)."),
     click.option("--patch", "patches", multiple=True,
                  help="Patch side in pixels (32) or share of the image area (2%). Repeatable."),
-    click.option("--method", "methods", multiple=True, type=click.Choice(available_methods()),
-                 help="Defense(s) to certify (`scalecert methods` lists them); repeatable. "
-                      "Default: scalecert."),
-    click.option("--top-k", type=float, help="Share of superficial positions SIN pruning keeps (0.15)."),
-    click.option("--masks-per-axis", type=int, help="Masks per image axis (6: 36 masks)."),
-    click.option("--r", type=int, help="Coverage r: each patch lies in an r x r block of masks (1)."),
+    _option("--method", "methods", multiple=True, type=click.Choice(available_methods()),
+            help="Defense(s) to certify (`scalecert methods` lists them); repeatable. "
+                 "Default: {run.methods[0]}."),
+    _option("--top-k", type=float,
+            help="Share of superficial positions SIN pruning keeps ({run.top_k:g})."),
+    _option("--masks-per-axis", type=int, help="Masks per image axis ({run.masks_per_axis}: "
+            "{run.masks_per_axis} x {run.masks_per_axis} masks)."),
+    _option("--r", type=int,
+            help="Coverage r: each patch lies in an r x r block of masks ({run.r})."),
     click.option("--layer", help="Superficial layer to split at: a built-in's stage, or a node "
                  "or module path of a user model's graph (default: the first spatial, "
                  "non-negative activation, after the first ReLU)."),
-    click.option("--margin", type=float, help="Logit margin every certifying prediction needs (1e-3)."),
-    click.option("--vote", type=click.Choice(["unanimous", "majority"]),
-                 help="Detection rule for r >= 2: unanimous (default; Algorithm 1's block and "
-                      "majority rules) or majority (every r x r block's strict majority must be "
-                      "M(x); certificates need a strict majority for the label in every block)."),
-    click.option("--window-layout", type=click.Choice(WINDOW_LAYOUTS),
-                 help="Mask windows per axis: clipped (default; the last window clipped to the "
-                      "image) or patchcleanser (r = 1: the reference PatchCleanser's, the last "
-                      "window shifted inward at full size; use it to compare with published "
-                      "PatchCleanser and Minority Reports figures)."),
+    _option("--margin", type=float,
+            help="Logit margin every certifying prediction needs ({run.margin:g})."),
+    _option("--vote", type=click.Choice(["unanimous", "majority"]),
+            help="Detection rule for r >= 2: unanimous (Algorithm 1's block and majority rules) "
+                 "or majority (every r x r block's strict majority must be M(x); certificates "
+                 "need a strict majority for the label in every block). Default: {run.vote}."),
+    _option("--window-layout", type=click.Choice(WINDOW_LAYOUTS),
+            help="Mask windows per axis: clipped (the last window clipped to the image) or "
+                 "patchcleanser (r = 1: the reference PatchCleanser's, the last window shifted "
+                 "inward at full size; use it to compare with published PatchCleanser and "
+                 "Minority Reports figures). Default: {run.window_layout}."),
     click.option("--alert-confidence", type=float,
                  help="TAU in (0, 1): detection alerts only on a window that disagrees with "
                       "softmax confidence >= TAU, and certificates need every window at >= TAU "
@@ -112,10 +152,11 @@ _RUN_OPTIONS = (
     click.option("--address", help="Ray cluster address (auto, ray://host:10001); default: local."),
     click.option("--workers", type=int, help="Worker actors (default: one per GPU, else 1)."),
     click.option("--gpus-per-worker", type=float, help="GPUs per worker (default 1 when GPUs exist)."),
-    click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Worker device (auto)."),
-    click.option("--shard-size", type=int, help="Images per shard and Parquet file (256)."),
-    click.option("--batch-size", type=int,
-                 help="(image, mask) pairs per forward pass of g (64 on a CPU, 256 on CUDA)."),
+    _option("--device", type=click.Choice(["auto", "cpu", "cuda"]),
+            help="Worker device ({run.device})."),
+    _option("--shard-size", type=int, help="Images per shard and Parquet file ({run.shard_size})."),
+    _option("--batch-size", type=int, help="(image, mask) pairs per forward pass of g "
+            "({g_batch[cpu]} on a CPU, {g_batch[cuda]} on CUDA)."),
     click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]),
                  help="How g runs: bf16 autocast re-checks close calls in fp32, so outcomes equal "
                       "fp32's (auto: bf16 on cuda, fp32 on cpu)."),
@@ -139,13 +180,15 @@ def _run_options(command: Any) -> Any:
 
 # The per-image attack's budget, shared by `attack` and `analyze`.
 _ATTACK_BUDGET = (
-    click.option("--steps", type=int, help="Optimisation steps per restart (40)."),
-    click.option("--restarts", type=int, help="Restarts per image; the strongest wins (2)."),
-    click.option("--step-size", type=float, help="Signed-gradient step on pixel values (1/16)."),
-    click.option("--location", type=click.Choice(["worst", "random"]),
-                 help="Where the patch goes: the worst position of a coarse search (default), "
-                      "or a random one per restart."),
-    click.option("--seed", type=int, help="Seed of positions and restarts (0)."),
+    _option("--steps", type=int, help="Optimisation steps per restart ({attack.steps})."),
+    _option("--restarts", type=int,
+            help="Restarts per image; the strongest wins ({attack.restarts})."),
+    _option("--step-size", type=float,
+            help="Signed-gradient step on pixel values ({attack.step_size:g})."),
+    _option("--location", type=click.Choice(["worst", "random"]),
+            help="Where the patch goes: worst, the worst position of a coarse search, or "
+                 "random, a random one per restart (default {attack.location})."),
+    _option("--seed", type=int, help="Seed of positions and restarts ({attack.seed})."),
 )
 
 
@@ -164,9 +207,8 @@ def certify_command(config_path: str | None, quiet: bool, **options: Any) -> Non
     """Certify every image of a labelled dataset; one Parquet certificate file per shard."""
     from pipeline.run.config import RunConfig
 
-    overrides = {k: (None if v == () else v) for k, v in options.items()}  # () = flag not given
     try:
-        run = RunConfig.from_sources(config_path, overrides)
+        run = RunConfig.from_sources(config_path, options)
     except Refusal as exc:
         raise click.UsageError(str(exc)) from None
     _run_and_report(run, quiet)
@@ -190,22 +232,24 @@ def _run_and_report(run: Any, quiet: bool) -> None:
 
 @main.command("attack")
 @_run_options
-@click.option("--attack", type=click.Choice(available_attacks()),
-              help=f"{describe_attacks()} Default: {DEFAULT_ATTACK}.")
-@click.option("--attack-model", type=click.Choice(["undefended", "defended"]),
-              help="The model the attack optimises against: the plain model, or the "
-                   "method's M (default: defended).")
+@_option("--attack", type=click.Choice(available_attacks()),
+         help=describe_attacks() + " Default: {attack.attack}.")
+@_option("--attack-model", type=click.Choice(["undefended", "defended"]),
+         help="The model the attack optimises against: the plain model, or the "
+              "method's M (default: {attack.attack_model}).")
 @_with(_ATTACK_BUDGET)
 @click.option("--eot", type=int, help="Positions averaged per step (expectation over "
               "locations; 1: the patch stays put).")
-@click.option("--alpha", type=float, help="Adaptive: weight of the activation penalty (1.0).")
+@_option("--alpha", type=float,
+         help="Adaptive: weight of the activation penalty ({attack.alpha}).")
 @click.option("--target", type=int, help="Targeted attack: the class aimed at (default: "
               "untargeted).")
 @click.option("--universal-data", help="Universal: labelled training images to train the "
               "patch on (local or s3://).")
-@click.option("--universal-images", type=int, help="Universal: training images used, spread "
-              "over the listing (1000).")
-@click.option("--universal-epochs", type=int, help="Universal: passes over them (2).")
+@_option("--universal-images", type=int, help="Universal: training images used, spread "
+         "over the listing ({attack.universal_images}).")
+@_option("--universal-epochs", type=int,
+         help="Universal: passes over them ({attack.universal_epochs}).")
 def attack_command(config_path: str | None, quiet: bool, **options: Any) -> None:
     """Attack every image of a labelled dataset with adversarial patches and run the defense
     on the attacked images; one Parquet file of attack rows per shard, and the audit.
@@ -219,9 +263,8 @@ def attack_command(config_path: str | None, quiet: bool, **options: Any) -> None
     from pipeline.run.attack_config import AttackRun
     from pipeline.run.attack_driver import run_attack
 
-    overrides = {k: (None if v == () else v) for k, v in options.items()}
     try:
-        attack_run = AttackRun.from_sources(config_path, overrides)
+        attack_run = AttackRun.from_sources(config_path, options)
     except Refusal as exc:
         raise click.UsageError(str(exc)) from None
     run = attack_run.run
@@ -288,20 +331,24 @@ def _attack_report(run: str, out_dir: str | None, s3: Any) -> None:
 @click.option("--checkpoint", help="State-dict file (local or s3://) with the model's own key "
               "names; default: the weights the spec builds (random for built-ins).")
 @click.option("--patch", help="One patch size: pixels (5) or share of the image area (2.4%).")
-@click.option("--method", type=click.Choice(available_methods()),
-              help="The defense whose M and detector are measured (default scalecert).")
-@click.option("--top-k", type=float,
-              help="Share of superficial positions SIN pruning keeps (0.15).")
-@click.option("--masks-per-axis", type=int, help="Masks per image axis of the detector (6).")
+@_option("--method", type=click.Choice(available_methods()),
+         help="The defense whose M and detector are measured (default {run.methods[0]}).")
+@_option("--top-k", type=float,
+         help="Share of superficial positions SIN pruning keeps ({run.top_k:g}).")
+@_option("--masks-per-axis", type=int,
+         help="Masks per image axis of the detector ({run.masks_per_axis}).")
 @click.option("--layer", help="Superficial layer: a built-in's stage, or a node or module path "
               "of a user model's graph (default: the first spatial, non-negative activation).")
-@click.option("--images", type=int, help="Images, spread evenly over the listing (500).")
-@click.option("--count", type=int, help="Strongest superficial neurons per image (200).")
-@click.option("--alpha", "alphas", type=float, multiple=True,
-              help="Adaptive attack penalty weight of the sweep (Eq. 6); repeatable, replaces "
-                   "the default 0, 0.5, 1, 2, 4.")
-@click.option("--attack-model", type=click.Choice(["undefended", "defended"]),
-              help="The model the per-image attack optimises against (default: undefended, as "
+@_option("--images", type=int,
+         help="Images, spread evenly over the listing ({analyze.images}).")
+@_option("--count", type=int,
+         help="Strongest superficial neurons per image ({analyze.count}).")
+@_option("--alpha", "alphas", type=float, multiple=True,
+         help="Adaptive attack penalty weight of the sweep (Eq. 6); repeatable, replaces "
+              "the default {alphas}.")
+@_option("--attack-model", type=click.Choice(["undefended", "defended"]),
+         help="The model the per-image attack optimises against (default: "
+              "{paper.attack_model}, as "
                    "in the paper's analysis).")
 @_with(_ATTACK_BUDGET)
 @click.option("--out", help="Output folder (local or s3://), required (here or in --config): "
@@ -319,9 +366,8 @@ def analyze_command(config_path: str | None, **options: Any) -> None:
     from pipeline.report.analysis import summary_lines, write_analysis
     from pipeline.run.analyze import AnalyzeRun, run_analysis
 
-    overrides = {k: (None if v == () else v) for k, v in options.items()}
     try:
-        run = AnalyzeRun.from_sources(config_path, overrides)
+        run = AnalyzeRun.from_sources(config_path, options)
     except Refusal as exc:
         raise click.UsageError(str(exc)) from None
     try:
@@ -344,35 +390,39 @@ def analyze_command(config_path: str | None, **options: Any) -> None:
               "(a checkpoint per epoch) and <model>-<method>.pt with its .json sidecar "
               "(<model>: the spec's short name; the weights load back with the same --model).")
 @click.option("--patch", help="Patch size trained for: pixels (5) or share of the area (2.4%).")
-@click.option("--method", type=click.Choice(available_methods()),
-              help="scalecert (and patchcleanser_sin): SIN pruning in the forward pass; "
-                   "masking (and patchcleanser): the unpruned control trained on "
-                   "pixel-occluded images (default scalecert).")
-@click.option("--top-k", type=float, help="Share of superficial positions kept (0.15).")
-@click.option("--masks-per-axis", type=int, help="Mask family windows per axis (6).")
-@click.option("--r", type=int, help="Coverage r of the mask family (1).")
+@_option("--method", type=click.Choice(available_methods()),
+         help="scalecert (and patchcleanser_sin): SIN pruning in the forward pass; "
+              "masking (and patchcleanser): the unpruned control trained on "
+              "pixel-occluded images (default {finetune.method}).")
+@_option("--top-k", type=float, help="Share of superficial positions kept ({finetune.top_k:g}).")
+@_option("--masks-per-axis", type=int,
+         help="Mask family windows per axis ({finetune.masks_per_axis}).")
+@_option("--r", type=int, help="Coverage r of the mask family ({finetune.r}).")
 @click.option("--layer", help="Superficial layer: a built-in's stage, or a node or module path "
               "of a user model's graph (default: the first spatial, non-negative activation).")
-@click.option("--epochs", type=int, help="Epochs (10).")
-@click.option("--batch-size", type=int, help="Global batch, split over the workers (128).")
-@click.option("--lr", type=float, help="Initial learning rate, cosine schedule (0.01).")
-@click.option("--momentum", type=float, help="SGD momentum (0.9).")
-@click.option("--weight-decay", type=float, help="SGD weight decay (5e-4).")
-@click.option("--mask-probability", type=float,
-              help="Share of training images under a random window of the family (0.5).")
-@click.option("--objective", type=click.Choice(["random-window", "worst-window"]),
-              help="random-window: the loss under a sampled window or none (default); "
-                   "worst-window: the loss without a window plus the loss under the window "
-                   "the model gets most wrong (one extra no-grad forward per window a step).")
-@click.option("--augment/--no-augment", default=None,
-              help="Random 4-pixel-padded crops and flips (default on).")
-@click.option("--seed", type=int, help="Seed for shuffling, augmentation and windows (0).")
+@_option("--epochs", type=int, help="Epochs ({finetune.epochs}).")
+@_option("--batch-size", type=int,
+         help="Global batch, split over the workers ({finetune.batch_size}).")
+@_option("--lr", type=float, help="Initial learning rate, cosine schedule ({finetune.lr:g}).")
+@_option("--momentum", type=float, help="SGD momentum ({finetune.momentum:g}).")
+@_option("--weight-decay", type=float, help="SGD weight decay ({finetune.weight_decay:g}).")
+@_option("--mask-probability", type=float, help="Share of training images under a random "
+         "window of the family ({finetune.mask_probability:g}).")
+@_option("--objective", type=click.Choice(["random-window", "worst-window"]),
+         help="random-window: the loss under a sampled window or none; worst-window: the loss "
+              "without a window plus the loss under the window the model gets most wrong (one "
+              "extra no-grad forward per window a step). Default: {finetune.objective}.")
+@_option("--augment/--no-augment", default=None,
+         help="Random 4-pixel-padded crops and flips (default {augment}).")
+@_option("--seed", type=int,
+         help="Seed for shuffling, augmentation and windows ({finetune.seed}).")
 @click.option("--limit", type=int, help="Train on the first N images only (sorted keys).")
 @click.option("--eval-data", help="Held-out labelled images: accuracy and certified accuracy "
               "at --patch after every epoch.")
 @click.option("--eval-limit", type=int, help="Evaluate on the first N held-out images only.")
 @click.option("--workers", type=int, help="Ray Train workers (default: one per GPU, else 1).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Worker device (auto).")
+@_option("--device", type=click.Choice(["auto", "cpu", "cuda"]),
+         help="Worker device ({finetune.device}).")
 @click.option("--address", help="Ray cluster address (auto, ray://host:10001); default: local.")
 @click.option("--s3-endpoint", help="S3-compatible endpoint URL (default: $AWS_ENDPOINT_URL).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
@@ -436,7 +486,7 @@ def demo_command(out: str, workdir: str, quiet: bool) -> None:
     run = RunConfig(
         data=str(Path(data) / "test"), model="cifar_resnet20", checkpoint=str(checkpoint),
         out=out, patches=(str(cert.patch_px),), methods=("scalecert",),
-        top_k=cert.top_k, masks_per_axis=cert.masks_per_axis or 6, shard_size=100,
+        top_k=cert.top_k, masks_per_axis=cert.masks_per_axis, shard_size=100,
     )
     _run_and_report(run, quiet)
     click.echo(f"4/4 the run's report, as `scalecert report {out}` writes it")
