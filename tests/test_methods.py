@@ -37,6 +37,7 @@ def test_the_registered_methods_and_their_modules() -> None:
         assert module.__name__ == f"scalecert.methods.{name}"
         assert callable(module.build) and callable(module.predictor)
         assert callable(module.defended_logits)
+    assert [method_info(name).pruned for name in METHODS] == [True, False, False, True, False]
 
 
 def test_each_method_owns_its_rule_and_what_it_shares() -> None:
@@ -123,7 +124,7 @@ def test_a_new_method_is_one_module_and_one_entry(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, module.__name__, module)
     entries = dict(registry._METHODS)
     entries["masking_again"] = registry.MethodInfo(
-        name="masking_again", guarantee="detection", summary="masking, again")
+        name="masking_again", guarantee="detection", pruned=False, summary="masking, again")
     monkeypatch.setattr(registry, "_METHODS", MappingProxyType(entries))
 
     torch.manual_seed(0)

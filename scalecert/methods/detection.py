@@ -30,6 +30,7 @@ from scalecert.methods.base import (
     PreparedBatch,
     undefended_or_base,
 )
+from scalecert.methods.registry import method_info
 
 
 def locate_block(base: int, grid: torch.Tensor, r: int) -> tuple[int, int] | None:
@@ -116,20 +117,21 @@ class _WindowRuns:
 class DetectionRule:
     """Certified detection with one predictor: what a detection method's ``evaluate`` runs.
 
-    ``pruned``: whether M is the SIN-pruned model (then the undefended model is computed
-    apart). Work avoidance (``full_map=False``, r = 1): an image's windows run most likely first
-    (the predictor's ``evaluation_priority``) and stop at the first one that disagrees with
-    M(x), which leaves the certificate, the output, the alert box and the recovered prediction
-    unchanged (the located window is the first disagreeing one in that order, which both modes
-    run); unrun windows read NOT_EVALUATED and ``min_margin`` of a non-certified image covers
+    Whether M is the SIN-pruned model (then the undefended model is computed apart) is the
+    registry's ``pruned``. Work avoidance (``full_map=False``, r = 1): an image's windows run
+    most likely first (the predictor's ``evaluation_priority``) and stop at the first one that
+    disagrees with M(x), which leaves the certificate, the output, the alert box and the
+    recovered prediction unchanged (the located window is the first disagreeing one in that
+    order, which both modes run); unrun windows read NOT_EVALUATED and ``min_margin`` of a
+    non-certified image covers
     the windows run.
     """
 
-    def __init__(self, predictor: MaskedPredictor, config: CertConfig, pruned: bool,
+    def __init__(self, predictor: MaskedPredictor, config: CertConfig,
                  preparation_key: Hashable) -> None:
         self.predictor = predictor
         self.config = config
-        self.pruned = pruned
+        self.pruned = method_info(config.method).pruned  # M is the SIN-pruned model
         self.preparation_key = preparation_key
 
     def evaluate(self, batch: PreparedBatch, labels: torch.Tensor | None, family: MaskFamily,

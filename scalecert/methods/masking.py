@@ -31,7 +31,7 @@ def predictor(model: StagedClassifier, config: CertConfig) -> "OcclusionPredicto
 def build(model: StagedClassifier, config: CertConfig) -> DetectionRule:
     """Certified detection with pixel occlusion; the prepared images (and M(x), the whole
     model on them) are shared by every method of the run that occludes pixels."""
-    return DetectionRule(predictor(model, config), config, pruned=False,
+    return DetectionRule(predictor(model, config), config,
                          preparation_key=(PIXELS_KEY,))
 
 

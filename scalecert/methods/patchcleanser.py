@@ -45,6 +45,7 @@ from scalecert.methods.base import (
     PreparedBatch,
     undefended_or_base,
 )
+from scalecert.methods.registry import method_info
 from scalecert.models.base import StagedClassifier
 
 # (image index, first window, second window or None for one-mask inputs) -> predictions, margins
@@ -59,7 +60,7 @@ def predictor(model: StagedClassifier, config: CertConfig) -> masking.OcclusionP
 
 def build(model: StagedClassifier, config: CertConfig) -> "RecoveryRule":
     """Double masking on occluded pixels; shares the prepared images with masking."""
-    return RecoveryRule(predictor(model, config), config, DOUBLE_MASKING, pruned=False,
+    return RecoveryRule(predictor(model, config), config, DOUBLE_MASKING,
                         preparation_key=(masking.PIXELS_KEY,))
 
 
@@ -344,11 +345,11 @@ class RecoveryRule:
     predictions of ``predictor``, second round ``rule``, certificate as PatchCleanser's."""
 
     def __init__(self, predictor: MaskedPredictor, config: CertConfig, rule: LabelRule,
-                 pruned: bool, preparation_key: Hashable) -> None:
+                 preparation_key: Hashable) -> None:
         self.predictor = predictor
         self.config = config
         self.rule = rule
-        self.pruned = pruned
+        self.pruned = method_info(config.method).pruned  # M is the SIN-pruned model
         self.preparation_key = preparation_key
 
     def evaluate(self, batch: PreparedBatch, labels: torch.Tensor | None, family: MaskFamily,

@@ -35,7 +35,7 @@ def predictor(model: StagedClassifier, config: CertConfig) -> masking.OcclusionP
 
 def build(model: StagedClassifier, config: CertConfig) -> RecoveryRule:
     """Challenger masking on occluded pixels; shares the prepared images with masking."""
-    return RecoveryRule(predictor(model, config), config, CHALLENGER, pruned=False,
+    return RecoveryRule(predictor(model, config), config, CHALLENGER,
                         preparation_key=(masking.PIXELS_KEY,))
 
 

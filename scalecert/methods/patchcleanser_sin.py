@@ -28,7 +28,7 @@ def build(model: StagedClassifier, config: CertConfig) -> RecoveryRule:
     """Double masking on the SIN predictor; shares prepared stems with ScaleCert's settings of
     the same layer and top-k."""
     sin = predictor(model, config)
-    return RecoveryRule(sin, config, DOUBLE_MASKING, pruned=True,
+    return RecoveryRule(sin, config, DOUBLE_MASKING,
                         preparation_key=scalecert.preparation_key(sin))
 
 

@@ -32,6 +32,9 @@ class MethodInfo:
     name: str
     guarantee: str
     summary: str
+    # whether M is the SIN-pruned model: then the model is split at the layer and the
+    # undefended model is computed apart (the plan checks the layer before any image is read)
+    pruned: bool
 
     def __post_init__(self) -> None:
         if self.guarantee not in GUARANTEES:
@@ -69,24 +72,24 @@ class MethodInfo:
 
 _METHODS: Mapping[str, MethodInfo] = MappingProxyType({
     "scalecert": MethodInfo(
-        name="scalecert", guarantee="detection",
+        name="scalecert", pruned=True, guarantee="detection",
         summary="ScaleCert: SIN-pruned model, windows removed from the superficial features; "
                 "windows that miss the kept positions need no run"),
     "masking": MethodInfo(
-        name="masking", guarantee="detection",
+        name="masking", pruned=False, guarantee="detection",
         summary="Minority Reports certified detection: the unpruned model on images with each "
                 "window's pixels occluded"),
     "patchcleanser": MethodInfo(
-        name="patchcleanser", guarantee="recovery",
+        name="patchcleanser", pruned=False, guarantee="recovery",
         summary="PatchCleanser double masking (certified recovery): the unpruned model on "
                 "images with one, then two windows' pixels occluded"),
     "patchcleanser_sin": MethodInfo(
-        name="patchcleanser_sin", guarantee="recovery",
+        name="patchcleanser_sin", pruned=True, guarantee="recovery",
         summary="double masking on the SIN-pruned model: one or two windows' footprints "
                 "removed from the superficial features; pairs that miss the kept positions "
                 "need no run"),
     "patchcleanser_challenger": MethodInfo(
-        name="patchcleanser_challenger", guarantee="recovery",
+        name="patchcleanser_challenger", pruned=False, guarantee="recovery",
         summary="PatchCleanser challenger masking (certified recovery): double masking's "
                 "certificate; the recovered label from a game of window pairs (at most n - 1)"),
 })

@@ -39,7 +39,7 @@ def build(model: StagedClassifier, config: CertConfig) -> DetectionRule:
     """Certified detection with the SIN predictor; prepared stems are shared by the settings of
     one layer and top-k (several patch sizes of a run)."""
     sin = predictor(model, config)
-    return DetectionRule(sin, config, pruned=True, preparation_key=preparation_key(sin))
+    return DetectionRule(sin, config, preparation_key=preparation_key(sin))
 
 
 def preparation_key(sin: "SinPredictor") -> tuple:
