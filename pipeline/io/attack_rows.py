@@ -16,9 +16,9 @@ from typing import Any, Iterable
 import numpy as np
 import pyarrow as pa
 
-from pipeline.io import storage
 from pipeline.io.certificates import (
     HEAD,
+    PartFiles,
     RowContext,
     as_floats,
     as_list,
@@ -54,9 +54,12 @@ ATTACK_SCHEMA = pa.schema([
 ALERT = -1
 
 
+ATTACK_ROWS = PartFiles("attacks", ATTACK_SCHEMA, ("image_id", "attack", "patch_px", "method"))
+
+
 def attack_part_location(out: str, shard: int) -> str:
     """Where shard ``shard`` of the attack run in ``out`` keeps its rows."""
-    return storage.join(out, "attacks", f"part-{shard:05d}.parquet")
+    return ATTACK_ROWS.location(out, shard)
 
 
 def attack_rows_table(columns: dict[str, list[Any]]) -> pa.Table:

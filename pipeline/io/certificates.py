@@ -144,9 +144,31 @@ def certificate_rows(
     })
 
 
+@dataclass(frozen=True)
+class PartFiles:
+    """How a job keeps its rows: one Parquet file per shard in ``<out>/<folder>/``, rows of
+    ``schema`` sorted by ``sort_keys`` (certificates: :data:`CERTIFICATES`; attack rows:
+    ``pipeline.io.attack_rows.ATTACK_ROWS``)."""
+
+    folder: str
+    schema: pa.Schema
+    sort_keys: tuple[str, ...]
+
+    def location(self, out: str, shard: int) -> str:
+        """Where shard ``shard`` of the run in ``out`` keeps its rows."""
+        return storage.join(out, self.folder, f"part-{shard:05d}.parquet")
+
+    def parquet_bytes(self, blocks: Iterable[pa.Table], metadata: dict[str, Any]) -> bytes:
+        """A shard's blocks of rows as its Parquet file (:func:`to_parquet_bytes`)."""
+        return to_parquet_bytes(blocks, metadata, self.schema, self.sort_keys)
+
+
+CERTIFICATES = PartFiles("certificates", SCHEMA, ("image_id", "patch_px", "method"))
+
+
 def part_location(out: str, shard: int) -> str:
     """Where shard ``shard`` of the run in ``out`` keeps its certificates."""
-    return storage.join(out, "certificates", f"part-{shard:05d}.parquet")
+    return CERTIFICATES.location(out, shard)
 
 
 def rows_table(columns: dict[str, list[Any]], schema: pa.Schema = SCHEMA) -> pa.Table:
