@@ -34,11 +34,11 @@ model's, and whatever ``scalecert certify`` refuses of the spec and its preproce
              masking's whole model on occluded images
   library    ``Certifier.certify``: images/s and g runs per image (1 + evaluated masks), with the
              full per-mask map and with work avoidance (``full_map=False``), for both methods
-  pipeline   scalecert through ``pipeline.run.driver.run_certification`` on the JPEG folder (work
-             avoidance): Pillow decode, local Ray actors, Parquet. Ray's own start-up is
-             measured apart and excluded; "end to end" covers planning, actor start, every shard
-             and the read-back, "in shards" the span from the first shard's start to the last
-             shard's end. ``--pipeline-images N`` runs it on more images (the first N / 10 of
+  pipeline   scalecert through ``pipeline.certify.driver.run_certification`` on the JPEG
+             folder (work avoidance): Pillow decode, local Ray actors, Parquet. Ray's own
+             start-up is measured apart and excluded; "end to end" covers planning, actor
+             start, every shard and the read-back, "in shards" the span from the first shard's
+             start to the last shard's end. ``--pipeline-images N`` runs it on more images (the first N / 10 of
              each class), so that its fixed costs weigh as in a real run
   scale-out  (``--scale-out 1 2 4``) the pipeline with that many CPU workers sharing the cores,
              on shards of ``--scale-shard-size`` images
@@ -88,6 +88,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, cifar10_folder  # noqa: E402
 
+from pipeline.certify.driver import run_certification  # noqa: E402
 from pipeline.compute.batches import to_batch  # noqa: E402
 from pipeline.compute.cluster import cpu_threads, init_ray  # noqa: E402
 from pipeline.compute.models import as_flag_message, check_model_options  # noqa: E402
@@ -96,7 +97,6 @@ from pipeline.io.recommended import read_recommendations  # noqa: E402
 from pipeline.io.sources import IMAGENET_CLASSES, is_image_key, open_dataset  # noqa: E402
 from pipeline.options import PatchSize  # noqa: E402
 from pipeline.run.config import RunConfig  # noqa: E402
-from pipeline.run.driver import run_certification  # noqa: E402
 from pipeline.run.worker import ShardSummary  # noqa: E402
 from scalecert import CertConfig, Certifier, CertifyResult, load_model  # noqa: E402
 from scalecert.certify import NOT_EVALUATED  # noqa: E402

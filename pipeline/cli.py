@@ -39,8 +39,8 @@ def _defaults() -> dict[str, Any]:
     """Where the defaults the help names are kept: each job's options class, whose field
     defaults are the command's (its certification settings the library's CertConfig's, its
     training and attack settings FinetuneConfig's and AttackConfig's)."""
-    from pipeline.run.analyze import AnalyzeRun, paper_attack
-    from pipeline.run.attack_config import AttackOptions
+    from pipeline.analyze.config import AnalyzeRun, paper_attack
+    from pipeline.attack.config import AttackOptions
     from pipeline.run.config import RunConfig
     from pipeline.train.config import FinetuneRun
     from scalecert.certify import default_batch_size
@@ -216,7 +216,7 @@ def certify_command(config_path: str | None, quiet: bool, **options: Any) -> Non
 
 def _run_and_report(run: Any, quiet: bool) -> None:
     from pipeline.progress import ProgressLine
-    from pipeline.run.driver import run_certification
+    from pipeline.certify.driver import run_certification
 
     progress = ProgressLine(enabled=not quiet)
     try:
@@ -260,8 +260,8 @@ def attack_command(config_path: str | None, quiet: bool, **options: Any) -> None
     """
     from pipeline.io import storage
     from pipeline.progress import ProgressLine
-    from pipeline.run.attack_config import AttackRun
-    from pipeline.run.attack_driver import run_attack
+    from pipeline.attack.config import AttackRun
+    from pipeline.attack.driver import run_attack
 
     try:
         attack_run = AttackRun.from_sources(config_path, options)
@@ -364,7 +364,8 @@ def analyze_command(config_path: str | None, **options: Any) -> None:
     """
     from pipeline.io import storage
     from pipeline.report.analysis import summary_lines, write_analysis
-    from pipeline.run.analyze import AnalyzeRun, run_analysis
+    from pipeline.analyze.config import AnalyzeRun
+    from pipeline.analyze.driver import run_analysis
 
     try:
         run = AnalyzeRun.from_sources(config_path, options)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.run.worker import ShardWorker
+from pipeline.certify.worker import CertifyWorker
 from scalecert.certify import ALERT
 from scalecert.precision import margins
 from scalecert.sin import keep_count, keep_positions, prune, selection_order, sin_scores
@@ -168,7 +168,7 @@ class OtherRay:
 
 # -- test doubles of the shard workers, passed through the driver's worker= -----------------------
 
-class DiesOnFirstTry(ShardWorker):
+class DiesOnFirstTry(CertifyWorker):
     """The certify worker, except that the first try of one shard kills the worker's process
     once its rows are computed and before they are written, as a worker lost mid-shard is.
     ``marker``: a file that records that try, so the restarted worker (a new process)
@@ -177,16 +177,11 @@ class DiesOnFirstTry(ShardWorker):
     def __init__(self, settings, shard: int, marker: str) -> None:
         super().__init__(settings)
         self.dying_shard, self.marker = shard, marker
-        self.dying = False
 
-    def run(self, task):
-        self.dying = task.index == self.dying_shard
-        return super().run(task)
-
-    def _parquet_bytes(self, blocks, metadata):
-        if self.dying and _first_try(self.marker):
+    def _write(self, shard, blocks) -> None:
+        if shard == self.dying_shard and _first_try(self.marker):
             os._exit(17)  # the process dies: Ray sees a lost worker, not an exception
-        return super()._parquet_bytes(blocks, metadata)
+        super()._write(shard, blocks)
 
 
 def _first_try(marker: str) -> bool:

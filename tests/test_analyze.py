@@ -16,10 +16,10 @@ import pytest
 from click.testing import CliRunner
 from support import copy_class_subset
 
-import pipeline.run.analyze as analyze_module
+import pipeline.analyze.driver as analyze_module
+from pipeline.analyze.config import AnalyzeRun
 from pipeline.cli import main
 from pipeline.report.analysis import CITATION, render_analysis_markdown, write_analysis
-from pipeline.run.analyze import AnalyzeRun
 from pipeline.run.config import RunConfig
 from scalecert.errors import InvalidOption
 

@@ -17,9 +17,8 @@ from click.testing import CliRunner
 from support import copy_class_subset
 
 import pipeline.run.driver as driver
+from pipeline.attack.worker import AttackWorker
 from pipeline.cli import EXIT_AUDIT_FAILED, main
-from pipeline.run.attack_worker import AttackShardWorker
-from pipeline.run.worker import WorkerSettings
 from scalecert.certify import CertifierGroup
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,14 +35,11 @@ def attack(*args: str) -> tuple[int, str]:
 def serial_shards(monkeypatch):
     """The driver's Ray pool replaced by a loop over the shards in this process, with the
     real attack worker; returns the workers it made."""
-    made: list[AttackShardWorker] = []
+    made: list[AttackWorker] = []
 
     def execute(plan, todo, on_shard=None, max_attempts=3, worker=None):
         worker_class, worker_args = worker
-        settings = WorkerSettings(run=plan.run, run_id=plan.run_id, metadata=plan.metadata(),
-                                  patch_pixels=plan.patch_pixels, image_side=plan.image_side,
-                                  checkpoint_sha256=plan.checkpoint_sha256, threads=2)
-        instance = worker_class(settings, *worker_args)
+        instance = worker_class(plan.worker_settings(threads=2), *worker_args)
         made.append(instance)
         for shard in todo:
             summary = instance.run(plan.task(shard))

@@ -4,8 +4,11 @@ Layers, bottom up (docs/DESIGN-NOTES.md, "Layout and import direction"): ``pipel
 (storage, listing, decoding, the certificate schema) and ``pipeline.report`` import neither
 torch, Ray nor the certification library, so reports run anywhere pyarrow does;
 ``pipeline.compute`` (torch batches, models from storage, Ray layout) sits on io;
-``pipeline.run`` and ``pipeline.train`` on compute; ``pipeline.demo`` on those; the CLI on top.
-The library ``scalecert`` never imports ``pipeline``.
+``pipeline.run`` (a run's options and the shared plan, pool and shard worker of the sharded
+jobs) and ``pipeline.train`` on compute; the jobs ``pipeline.certify`` and ``pipeline.attack``
+on run, ``pipeline.analyze`` on attack (it takes the attack's options); ``pipeline.demo`` on
+those; the CLI on top. The library ``scalecert`` never imports ``pipeline``, and the shared
+run never imports a job.
 """
 
 from __future__ import annotations
@@ -32,6 +35,11 @@ ALLOWED = {
     "pipeline.report": {"pipeline.io", "scalecert.errors", "scalecert.methods.registry"},
     "pipeline.compute": {"pipeline.io", "scalecert"},
     "pipeline.run": {"pipeline.io", "pipeline.options", "pipeline.compute", "scalecert"},
+    "pipeline.certify": {"pipeline.io", "pipeline.compute", "pipeline.run", "scalecert"},
+    "pipeline.attack": {"pipeline.io", "pipeline.options", "pipeline.compute", "pipeline.run",
+                        "scalecert"},
+    "pipeline.analyze": {"pipeline.io", "pipeline.options", "pipeline.compute", "pipeline.run",
+                         "pipeline.attack", "scalecert"},
     "pipeline.train": {"pipeline.io", "pipeline.options", "pipeline.compute", "scalecert"},
     "pipeline.demo": {"pipeline.io", "pipeline.compute", "pipeline.run", "pipeline.train",
                       "scalecert"},

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,16 +17,18 @@ from click.testing import CliRunner
 from PIL import Image
 from support import invoke_report, local_ray
 
+from pipeline.analyze.config import AnalyzeRun
+from pipeline.certify.driver import CERTIFY
+from pipeline.certify.worker import CertifyWorker
 from pipeline.cli import main
 from pipeline.compute.batches import to_batch
 from pipeline.compute.models import model_fingerprint_fields
+from pipeline.io.certificates import part_location
 from pipeline.io.images import Preprocess, decode
 from pipeline.io.sources import open_dataset
 from pipeline.report.thumbnails import run_preprocess
-from pipeline.run.analyze import AnalyzeRun
 from pipeline.run.config import RunConfig
-from pipeline.run.driver import RunRefused, make_plan, prepare_output
-from pipeline.run.worker import ShardTask, ShardWorker, WorkerSettings, part_location
+from pipeline.run.plan import RunRefused, make_plan, prepare_output
 from pipeline.train.config import FinetuneRun
 from pipeline.train.trainer import _manifest, final_checkpoint_location
 from scalecert import CertConfig, Certifier
@@ -164,7 +167,7 @@ def test_fingerprint_covers_the_file_the_preprocessing_and_the_packages(
     tmp_path: Path, model_file: Path, photos: Path
 ) -> None:
     run = _run(model_file, photos, tmp_path / "out")
-    plan = make_plan(run)
+    plan = make_plan(run, CERTIFY)
     assert plan.image_side == SIDE and plan.num_classes == 3
     assert plan.preprocessing == Preprocessing(SIDE, RESIZE, "bicubic", (0.5,) * 3, (0.25,) * 3)
     assert plan.source_sha256 is not None
@@ -174,14 +177,15 @@ def test_fingerprint_covers_the_file_the_preprocessing_and_the_packages(
     assert manifest["source_sha256"] == plan.source_sha256
     assert manifest["preprocessing"]["interpolation"] == "bicubic"
     assert manifest["config"]["model"] == f"file:{model_file}:make"
-    assert make_plan(run).fingerprint == plan.fingerprint  # the same inputs, the same run
+    # the same inputs, the same run
+    assert make_plan(run, CERTIFY).fingerprint == plan.fingerprint
 
     # the preprocessing declared differently: another run
     assert make_plan(_run(model_file, photos, tmp_path / "out",
-                          interpolation="bilinear")).fingerprint != plan.fingerprint
+                          interpolation="bilinear"), CERTIFY).fingerprint != plan.fingerprint
     # the model file's bytes changed: another run, and resume is refused
     model_file.write_text(MODEL_FILE.replace("manual_seed(7)", "manual_seed(8)"))
-    changed = make_plan(run)
+    changed = make_plan(run, CERTIFY)
     assert changed.fingerprint != plan.fingerprint
     assert changed.source_sha256 != plan.source_sha256
     with pytest.raises(RunRefused, match="different configuration, model or data"):
@@ -202,34 +206,29 @@ def test_plan_refuses_bad_models_before_any_work(tmp_path: Path, model_file: Pat
                                                  photos: Path) -> None:
     out = tmp_path / "out"
     with pytest.raises(InvalidOption, match=r"^--model: 'file:.*missing\.py:make': no such file"):
-        make_plan(_run(tmp_path / "missing.py", photos, out))
+        make_plan(_run(tmp_path / "missing.py", photos, out), CERTIFY)
     with pytest.raises(InvalidOption, match=r"^--model: .*no callable 'build'"):
-        make_plan(_run(model_file, photos, out, model=f"file:{model_file}:build"))
+        make_plan(_run(model_file, photos, out, model=f"file:{model_file}:build"), CERTIFY)
     with pytest.raises(InvalidOption, match=r"^--layer: layer nope"):
-        make_plan(_run(model_file, photos, out, layer="nope"))
+        make_plan(_run(model_file, photos, out, layer="nope"), CERTIFY)
     weights = tmp_path / "other.pt"
     torch.save({"conv1.weight": torch.zeros(8, 3, 3, 3)}, weights)
     with pytest.raises(InvalidOption, match=r"^--checkpoint: .*other\.pt does not match model "
                                             r"file:.*missing: "):
-        make_plan(_run(model_file, photos, out, checkpoint=str(weights)))
+        make_plan(_run(model_file, photos, out, checkpoint=str(weights)), CERTIFY)
     assert not out.exists()
 
 
 # -- workers ---------------------------------------------------------------------------------
 
 
-def _worker(plan, **changes) -> ShardWorker:
-    values = dict(run=plan.run, run_id=plan.run_id, metadata=plan.metadata(),
-                  patch_pixels=plan.patch_pixels, image_side=plan.image_side,
-                  checkpoint_sha256=plan.checkpoint_sha256, preprocessing=plan.preprocessing,
-                  source_sha256=plan.source_sha256, package_versions=plan.package_versions)
-    values.update(changes)
-    return ShardWorker(WorkerSettings(**values))
+def _worker(plan, **changes) -> CertifyWorker:
+    return CertifyWorker(replace(plan.worker_settings(), **changes))
 
 
 def test_worker_follows_the_models_preprocessing(tmp_path: Path, model_file: Path,
                                                  photos: Path) -> None:
-    plan = make_plan(_run(model_file, photos, tmp_path / "out"))
+    plan = make_plan(_run(model_file, photos, tmp_path / "out"), CERTIFY)
     summary = _worker(plan).run(plan.task(0))
     assert summary.errors == 0 and summary.rows == 2 * 4
     rows = pq.read_table(part_location(str(tmp_path / "out"), 0)).to_pylist()
@@ -253,7 +252,7 @@ def test_worker_follows_the_models_preprocessing(tmp_path: Path, model_file: Pat
 
 def test_worker_refuses_a_model_file_changed_since_the_plan(tmp_path: Path, model_file: Path,
                                                             photos: Path) -> None:
-    plan = make_plan(_run(model_file, photos, tmp_path / "out"))
+    plan = make_plan(_run(model_file, photos, tmp_path / "out"), CERTIFY)
     model_file.write_text(MODEL_FILE + "\n# edited after the plan\n")
     with pytest.raises(ModelChanged) as caught:
         _worker(plan).run(plan.task(0))

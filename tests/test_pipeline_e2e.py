@@ -15,10 +15,10 @@ from click.testing import CliRunner
 from PIL import Image
 from support import copy_class_subset, dies_on_first_try, invoke_report, local_ray
 
+from pipeline.certify.driver import run_certification
 from pipeline.cli import main
 from pipeline.compute.batches import load_image_folder
 from pipeline.run.config import RunConfig
-from pipeline.run.driver import run_certification
 from scalecert import CertConfig, Certifier, load_model
 from scalecert.errors import ModelChanged
 

@@ -16,9 +16,10 @@ from click.testing import CliRunner
 from torch import nn
 
 from pipeline import cli
+from pipeline.certify.worker import CertifyWorker
 from pipeline.compute.batches import load_image_folder
 from pipeline.run.config import RunConfig
-from pipeline.run.worker import ShardWorker, WorkerSettings
+from pipeline.run.worker import WorkerSettings
 from scalecert import CertConfig, Certifier, load_model
 from scalecert.precision import DEFAULT_TOLERANCE, FP32_TOLERANCE, FastPath, GRunner
 
@@ -313,7 +314,7 @@ def test_worker_certifies_with_the_resolved_fast_path(tmp_path) -> None:
     run = RunConfig(**{**BASE, "out": str(tmp_path / "out")}, device="cpu", precision="bf16",
                     methods=("scalecert", "masking"),
                     checkpoint=str(MODELS / "cifar10-resnet20-scalecert-2.4.pt"))
-    worker = ShardWorker(WorkerSettings(run=run, run_id="test", metadata={}, patch_pixels=(5,),
+    worker = CertifyWorker(WorkerSettings(run=run, run_id="test", metadata={}, patch_pixels=(5,),
                                         image_side=32, checkpoint_sha256=None))
     assert [certifier.fast for certifier in worker.certifiers.certifiers] == [
         FastPath("bf16", fuse_bn=True)] * 2

@@ -10,10 +10,10 @@ import click
 import pytest
 from click.testing import CliRunner
 
+from pipeline.analyze.config import AnalyzeRun
+from pipeline.attack.config import AttackOptions, AttackRun
 from pipeline.cli import main
 from pipeline.options import PatchSize
-from pipeline.run.analyze import AnalyzeRun
-from pipeline.run.attack_config import AttackOptions, AttackRun
 from pipeline.run.config import RunConfig
 from pipeline.train.config import FinetuneRun
 from scalecert.attacks import AttackConfig
@@ -218,8 +218,8 @@ class Captured(Exception):
 def options_of(monkeypatch: pytest.MonkeyPatch, command: str, args: list[str]) -> Any:
     """The options object ``scalecert COMMAND ARGS`` would run with (no work is done)."""
     import pipeline.cli as cli
-    import pipeline.run.analyze as analyze
-    import pipeline.run.attack_driver as attack_driver
+    import pipeline.analyze.driver as analyze
+    import pipeline.attack.driver as attack_driver
     import pipeline.train.trainer as trainer
 
     def capture(run: Any, *args: Any, **kwargs: Any) -> None:

@@ -12,10 +12,12 @@ import pyarrow.parquet as pq
 import pytest
 from support import copy_class_subset
 
+from pipeline.certify.worker import CertifyWorker
 from pipeline.compute.batches import load_image_folder
+from pipeline.io.certificates import part_location
 from pipeline.io.sources import ImageRecord, open_dataset
 from pipeline.run.config import RunConfig
-from pipeline.run.worker import ShardTask, ShardWorker, WorkerSettings, part_location
+from pipeline.run.worker import ShardTask, WorkerSettings
 from scalecert import CertConfig, Certifier, load_model
 from scalecert.errors import ModelChanged
 from scalecert.models import file_sha256
@@ -36,10 +38,10 @@ def shard(tmp_path: Path, cifar10_test_dir: Path) -> tuple[Path, tuple[ImageReco
 
 def make_worker(
     tmp_path: Path, checkpoint: Path, data: Path, chunk: int, planned_sha256: str | None = None
-) -> ShardWorker:
+) -> CertifyWorker:
     run = RunConfig(data=str(data), model="cifar_resnet20", out=str(tmp_path / "out"),
                     patches=("5",), checkpoint=str(checkpoint), device="cpu")
-    return ShardWorker(WorkerSettings(
+    return CertifyWorker(WorkerSettings(
         run=run, run_id="test", metadata={}, patch_pixels=(5,), image_side=32,
         checkpoint_sha256=planned_sha256 or file_sha256(checkpoint), chunk_images=chunk))
 
@@ -79,7 +81,7 @@ def test_the_next_chunk_decodes_while_the_current_one_is_certified(
     certifying_first = threading.Event()
     seen_while_certifying: list[bool] = []
     lock = threading.Lock()
-    decode, certify = worker._read, worker._certify_chunk
+    decode, certify = worker._read, worker._chunk_rows
 
     def watched_decode(record: ImageRecord):
         if record.image_id not in first_chunk:
@@ -94,7 +96,7 @@ def test_the_next_chunk_decodes_while_the_current_one_is_certified(
         return certify(context, chunk, certified)
 
     worker._read = watched_decode  # type: ignore[method-assign]
-    worker._certify_chunk = watched_certify  # type: ignore[method-assign]
+    worker._chunk_rows = watched_certify  # type: ignore[method-assign]
     summary = worker.run(ShardTask(index=0, records=records))
     assert seen_while_certifying == [True]
     assert summary.rows == len(records)

@@ -1,6 +1,6 @@
 """The SIN statistics report of ``scalecert analyze`` (the paper's Fig. 1): analysis.json,
 analysis.md and analysis.html, from the plain dict of
-:func:`pipeline.run.analyze.run_analysis`. No torch: it renders whatever dict it is given.
+:func:`pipeline.analyze.driver.run_analysis`. No torch: it renders whatever dict it is given.
 
 The page is self-contained (inline CSS and SVG, no scripts): the benign-against-patched
 table, the alpha sweep, ``svg#plot-spread`` (histograms of the per-image distance spread)

@@ -1,179 +1,34 @@
-"""The Ray driver: plan, manifest, a pool of shard workers, resume, retries, summary.
+"""The shared driver of the sharded jobs (certify, attack): plan, output, a pool of Ray
+actors, retries, read-back and summary. Each job brings a :class:`~pipeline.run.plan.Job`
+(its rows, its worker, what it adds to the fingerprint and the manifest) to :func:`run_job`.
 
-1. Plan: load the model once (refusing a bad spec, checkpoint or layer before any image is
-   read), list the dataset (sorted keys), apply ``--limit``, cut shards of ``--shard-size``.
-   The fingerprint hashes the result-relevant options (the model spec and the declared
-   preprocessing among them), the checkpoint's sha256, the model file's or program's sha256,
-   the versions of the packages the spec imports, the resolved preprocessing of a user
-   model, the dataset's keys and labels, and the package version; ``<out>/manifest.json`` is
-   written first.
-2. Resume: a shard whose Parquet file exists with the same fingerprint is skipped; an output
-   folder holding another fingerprint is refused before any work.
-3. Run: one actor per GPU (or CPU workers splitting the cores, ``workers x threads`` at most
-   the cores), each loading the model once, at most two shards in flight per worker. A worker that dies has its shards redone on its
-   restarted actor (Ray places it wherever resources allow).
-4. Summary: read back every shard, check one row per image x patch x method, and count.
+1. Plan and output (:mod:`pipeline.run.plan`): the model checked, the data listed and cut
+   into shards, the fingerprint; ``manifest.json`` written or checked; finished shards
+   skipped (resume).
+2. Run (:func:`execute`): one actor per GPU (or CPU workers splitting the cores, ``workers x
+   threads`` at most the cores), each loading the model once, at most two shards in flight
+   per worker. A worker that dies has its shards redone on its restarted actor (Ray places
+   it wherever resources allow).
+3. Summary (:func:`collect`): read back every shard, check one row per image x patch x
+   method, and count.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import pyarrow as pa
 
 from pipeline.compute.cluster import cluster_resources, init_ray, worker_layout
-from pipeline.compute.models import as_flag_message, load_stored_model, model_fingerprint_fields
 from pipeline.io import storage
-from pipeline.io.attack_rows import attack_part_location
-from pipeline.io.certificates import part_location, read_metadata, read_parts
-from pipeline.io.sources import Dataset, ImageRecord, listing_sha256, open_dataset
-from pipeline.run.attack_config import AttackOptions
+from pipeline.io.certificates import read_parts
 from pipeline.run.config import RunConfig
-from pipeline.run.worker import ShardSummary, ShardTask, ShardWorker, WorkerSettings
-from scalecert import __version__
-from scalecert.errors import InvalidOption, OutputConflict, Refusal, RunFailed
-from scalecert.methods.registry import method_info
-from scalecert.models import Preprocessing
-
-
-class RunRefused(OutputConflict):
-    """The output folder holds results that this run must not mix with."""
-
-
-@dataclass(frozen=True)
-class Plan:
-    run: RunConfig
-    dataset: Dataset
-    records: tuple[ImageRecord, ...]
-    shards: tuple[tuple[int, int], ...]  # (start, stop) into records
-    image_side: int
-    patch_pixels: tuple[int, ...]
-    checkpoint_sha256: str | None
-    fingerprint: str
-    attack: AttackOptions | None = None  # an attack run (`scalecert attack`), else certify
-    num_classes: int | None = None  # the model's
-    preprocessing: Preprocessing | None = None  # resolved: how workers decode the images
-    source_sha256: str | None = None  # of the model's file or program (workers check it)
-    package_versions: dict[str, str | None] | None = None  # of the packages the spec imports
-
-    @property
-    def run_id(self) -> str:
-        return self.fingerprint[:16]
-
-    def part_location(self, index: int) -> str:
-        """Where shard ``index`` keeps its rows: certificates/ or, for an attack run, attacks/."""
-        if self.attack is not None:
-            return attack_part_location(self.run.out, index)
-        return part_location(self.run.out, index)
-
-    def task(self, index: int) -> ShardTask:
-        start, stop = self.shards[index]
-        return ShardTask(index=index, records=self.records[start:stop])
-
-    def metadata(self) -> dict[str, Any]:
-        metadata = {"run_id": self.run_id, "fingerprint": self.fingerprint,
-                    "version": __version__, "config": self.run.to_dict(),
-                    "checkpoint_sha256": self.checkpoint_sha256,
-                    "patch_px": list(self.patch_pixels)}
-        if self.source_sha256 is not None:
-            metadata["source_sha256"] = self.source_sha256
-        if self.package_versions:
-            metadata["package_versions"] = dict(self.package_versions)
-        if self.preprocessing is not None:
-            metadata["preprocessing"] = self.preprocessing.declared()
-        if self.attack is not None:
-            metadata.update(job="attack", attack=self.attack.to_dict())
-        return metadata
-
-    def manifest(self) -> dict[str, Any]:
-        return {
-            **self.metadata(),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "dataset": {"source": self.dataset.root, "layout": self.dataset.layout,
-                        "classes": len(self.dataset.classes),
-                        "class_names": list(self.dataset.classes), "listed": len(self.dataset),
-                        "images": len(self.records)},
-            "image_side": self.image_side,
-            "shards": [
-                {"index": i, "images": stop - start, "first": self.records[start].image_id,
-                 "last": self.records[stop - 1].image_id}
-                for i, (start, stop) in enumerate(self.shards)
-            ],
-        }
-
-
-def make_plan(run: RunConfig, attack: AttackOptions | None = None) -> Plan:
-    """List the data and fix everything the workers need, without starting Ray; ``attack``:
-    the options of an attack run (they enter its fingerprint)."""
-    s3 = storage.S3Options(endpoint=run.s3_endpoint)
-    try:  # the model is checked here, before any shard: a bad spec or checkpoint fails fast
-        model = load_stored_model(run.model, run.checkpoint, s3,
-                                  preprocessing=run.preprocessing())
-        if any(method_info(method).pruned for method in run.methods):
-            model.split(run.layer)  # an unknown layer or a cut the model refuses
-    except FileNotFoundError as exc:
-        raise InvalidOption(as_flag_message(exc, "--checkpoint")) from None
-    except InvalidOption as exc:
-        raise InvalidOption(as_flag_message(exc)) from exc
-    image_side = model.input_size
-    patch_pixels = run.patch_pixels(image_side)
-    if len(set(patch_pixels)) != len(patch_pixels):
-        raise InvalidOption(f"--patch: {', '.join(run.patches)} give {patch_pixels} px on "
-                         f"{image_side} px images: some sizes coincide")
-    for px in patch_pixels:
-        if px > image_side:
-            raise InvalidOption(f"--patch: {px} px is larger than the {image_side} px images")
-    checkpoint_sha = model.checkpoint_sha256
-    dataset = open_dataset(run.data, s3=s3, ground_truth=run.ground_truth, synsets=run.synsets)
-    records = dataset.records[:run.limit]
-    shards = tuple(
-        (start, min(start + run.shard_size, len(records)))
-        for start in range(0, len(records), run.shard_size)
-    )
-    listing = listing_sha256(records)
-    fields = {"config": run.fingerprint_fields(), "checkpoint_sha256": checkpoint_sha,
-              "dataset": listing, "version": __version__, "patch_px": list(patch_pixels),
-              **model_fingerprint_fields(run.model, model)}
-    if attack is not None:
-        fields["attack"] = attack.fingerprint_fields()
-    fingerprint = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
-    return Plan(run, dataset, records, shards, image_side, patch_pixels, checkpoint_sha,
-                fingerprint, attack, model.num_classes, model.preprocessing,
-                model.source_sha256, dict(model.package_versions))
-
-
-def prepare_output(plan: Plan) -> list[int]:
-    """Write or check ``manifest.json``; the indices of the shards still to run."""
-    run = plan.run
-    s3 = storage.S3Options(endpoint=run.s3_endpoint)
-    manifest_at = storage.join(run.out, "manifest.json")
-    if storage.exists(manifest_at, s3):
-        existing = json.loads(storage.read_bytes(manifest_at, s3))
-        if existing.get("fingerprint") != plan.fingerprint:
-            raise RunRefused(
-                f"{run.out} already holds run {existing.get('run_id')} with a different "
-                f"configuration, model or data (fingerprint {str(existing.get('fingerprint'))[:16]}"
-                f" != {plan.fingerprint[:16]}); use a new --out, or remove the old results"
-            )
-    else:
-        storage.write_text_atomic(manifest_at, json.dumps(plan.manifest(), indent=2) + "\n", s3)
-    if not run.resume:
-        return list(range(len(plan.shards)))
-
-    def done(index: int) -> bool:
-        location = plan.part_location(index)
-        return (storage.exists(location, s3)
-                and read_metadata(location, s3).get("fingerprint") == plan.fingerprint)
-
-    with ThreadPoolExecutor(max_workers=16) as pool:  # S3: round trips per shard, in parallel
-        finished = list(pool.map(done, range(len(plan.shards))))
-    return [index for index, is_done in enumerate(finished) if not is_done]
+from pipeline.run.plan import Job, Plan, make_plan, prepare_output
+from pipeline.run.worker import ShardSummary
+from scalecert.errors import Refusal, RunFailed
 
 
 @dataclass(frozen=True)
@@ -225,12 +80,12 @@ def execute(
     todo: list[int],
     on_shard: Callable[[ShardSummary], None] | None = None,
     max_attempts: int = 3,
-    worker: tuple[type, tuple] = (ShardWorker, ()),
+    worker: tuple[type, tuple] | None = None,
 ) -> None:
     """Run the shards in ``todo`` on a pool of Ray actors (Ray must be initialised); a shard
     whose worker dies is retried, up to ``max_attempts`` tries in all. ``worker``: the actor
-    class and its arguments after the settings (the certify worker by default; tests pass
-    doubles here, such as a worker that dies mid-shard)."""
+    class and its arguments after the settings (default: the plan's job's; tests pass doubles
+    here, such as a worker that dies mid-shard)."""
     import ray
     from ray.exceptions import (
         ActorUnavailableError,
@@ -245,13 +100,8 @@ def execute(
     layout = worker_layout(run.device, cluster_resources(run.device, run.address), run.workers,
                            limit=len(todo), gpus_per_worker=run.gpus_per_worker)
     workers = layout.workers
-    settings = WorkerSettings(
-        run=run, run_id=plan.run_id, metadata=plan.metadata(), patch_pixels=plan.patch_pixels,
-        image_side=plan.image_side, checkpoint_sha256=plan.checkpoint_sha256,
-        device=layout.device, threads=layout.threads, preprocessing=plan.preprocessing,
-        source_sha256=plan.source_sha256, package_versions=plan.package_versions,
-    )
-    worker_class, worker_args = worker
+    settings = plan.worker_settings(layout.device, layout.threads)
+    worker_class, worker_args = plan.job.worker(plan) if worker is None else worker
     actor_class = ray.remote(worker_class).options(
         num_cpus=layout.cpus, num_gpus=layout.gpus, max_restarts=-1, max_task_retries=0)
     actors = [actor_class.remote(settings, *worker_args) for _ in range(workers)]
@@ -321,24 +171,23 @@ def execute(
         raise
 
 
-def run_certification(
-    run: RunConfig, progress: Callable[[ShardSummary], None] | None = None,
+def run_job(
+    run: RunConfig, job: Job, progress: Callable[[ShardSummary], None] | None = None,
     on_plan: Callable[[Plan, list[int]], None] | None = None,
-    attack: AttackOptions | None = None,
-    worker: Callable[[Plan], tuple[type, tuple]] | None = None,
 ) -> RunSummary:
-    """Plan, check the output, run the missing shards on Ray and summarise. ``attack`` and
-    ``worker`` (the actor class and its extra arguments, made from the plan before any shard
-    runs): another job on the same plan (``scalecert attack``); default: certify."""
+    """Plan, check the output, run the missing shards on Ray and summarise: every sharded
+    job's run (``scalecert certify``: :func:`pipeline.certify.driver.run_certification`;
+    ``scalecert attack``: :func:`pipeline.attack.driver.run_attack`). The job's worker is made
+    from the plan before any shard runs."""
     import ray
 
     started = time.perf_counter()
-    plan = make_plan(run, attack)
+    plan = make_plan(run, job)
     todo = prepare_output(plan)
     if on_plan is not None:
         on_plan(plan, todo)
     if todo:
-        actors = (ShardWorker, ()) if worker is None else worker(plan)
+        actors = job.worker(plan)
         owned = init_ray(run.address)
         try:
             execute(plan, todo, progress, worker=actors)

@@ -1,10 +1,13 @@
-"""The shard worker: loads the model once, certifies whole shards, writes one Parquet file each.
+"""The shard worker every sharded job (certify, attack) builds on: loads the model once, runs
+whole shards, writes one Parquet file each.
 
 ``ShardWorker`` is a plain class (Ray's batch-inference pattern: the model is loaded in
 ``__init__``); the driver wraps it in a Ray actor. For one shard it reads and decodes the images
-in I/O threads, a chunk ahead of certification, certifies them chunk by chunk for every (patch
-size, method) — sharing each chunk's decode and stem across them — and writes
-``part-<shard>.parquet`` atomically, so a shard is either completely written or absent.
+in I/O threads, a chunk ahead of the job's chunk step, runs that step chunk by chunk — the
+certifiers of every (patch size, method) share each chunk's decode and stem — and writes the
+shard's rows as ``part-<shard>.parquet`` atomically, so a shard is either completely written or
+absent. A job's worker (``pipeline.certify.worker``, ``pipeline.attack.worker``) says how its
+rows are kept and gives the rows of a chunk and of an image that could not be read.
 """
 
 from __future__ import annotations
@@ -20,17 +23,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline.compute.batches import as_arrays, to_batch
+from pipeline.compute.batches import to_batch
 from pipeline.compute.cluster import ray_node_id, set_torch_threads
 from pipeline.compute.models import load_stored_model
 from pipeline.io import storage
-from pipeline.io.certificates import (
-    RowContext,
-    certificate_rows,
-    error_rows,
-    part_location,
-    to_parquet_bytes,
-)
+from pipeline.io.certificates import PartFiles, RowContext
 from pipeline.io.images import Preprocess, read_labelled
 from pipeline.io.sources import ImageRecord
 from pipeline.run.config import RunConfig
@@ -76,12 +73,15 @@ class ShardSummary:
 
 
 class ShardWorker:
-    """Certifies shards with one model held in memory.
+    """Runs shards with one model held in memory; a job's worker sets :attr:`rows` and gives
+    :meth:`_chunk_rows` and :meth:`_error_rows`.
 
     A refusal while loading the model (the checkpoint changed since the plan, or vanished) is
     kept and raised by :meth:`run`: an exception in ``__init__`` reaches the Ray driver only
     as text, while one raised by a task reaches it as itself, and the driver stops the run on
     it instead of retrying (no retry can make those shards right)."""
+
+    rows: PartFiles  # the job's part files: folder, schema, sort order
 
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
@@ -138,7 +138,7 @@ class ShardWorker:
             yield list(zip(chunk, decoded))
 
     def run(self, task: ShardTask) -> ShardSummary:
-        """Certify one shard and write its Parquet file; returns counts for the progress line."""
+        """Run one shard and write its Parquet file; returns counts for the progress line."""
         if self.refusal is not None:
             raise self.refusal
         started_at, start = time.time(), time.perf_counter()
@@ -155,27 +155,39 @@ class ShardWorker:
                 else:
                     good.append((record, outcome))
             if good:
-                blocks += self._certify_chunk(context, good, certified)
-        data = self._parquet_bytes(blocks, {**self.settings.metadata, "written_by": self.written_by})
-        storage.write_bytes_atomic(self._location(task.index), data, self.s3)
+                blocks += self._chunk_rows(context, good, certified)
+        self._write(task.index, blocks)
         return ShardSummary(
             index=task.index, images=len(task.records), errors=errors,
-            rows=sum(block.num_rows for block in blocks), seconds=time.perf_counter() - start, certified=certified,
-            started_at=started_at, finished_at=time.time(),
+            rows=sum(block.num_rows for block in blocks), seconds=time.perf_counter() - start,
+            certified=certified, started_at=started_at, finished_at=time.time(),
         )
 
-    # -- what a job of another kind (pipeline.run.attack_worker) replaces ----------------
+    def _write(self, shard: int, blocks: list[pa.Table]) -> None:
+        """The shard's rows as its Parquet file (with the run's metadata and who wrote it),
+        written atomically."""
+        data = self.rows.parquet_bytes(blocks, {**self.settings.metadata,
+                                                "written_by": self.written_by})
+        storage.write_bytes_atomic(self.rows.location(self.settings.run.out, shard), data,
+                                   self.s3)
 
-    def _location(self, shard: int) -> str:
-        """Where this job writes the rows of ``shard``."""
-        return part_location(self.settings.run.out, shard)
+    # -- what each job's worker gives ----------------------------------------------------
+
+    def _chunk_rows(
+        self,
+        context: RowContext,
+        chunk: list[tuple[ImageRecord, np.ndarray]],
+        certified: dict[str, int],
+    ) -> list[pa.Table]:
+        """The rows of a chunk of decoded images; adds its certificates to ``certified``
+        (per ``<patch_px>px/<method>``, for the progress line)."""
+        raise NotImplementedError
 
     def _error_rows(self, context: RowContext, record: ImageRecord, reason: str) -> pa.Table:
-        """The rows of an image that could not be read, one per (patch size, method)."""
-        return error_rows(context, record.image_id, record.label, reason, self.keys)
+        """The rows of an image that could not be read (``reason``)."""
+        raise NotImplementedError
 
-    def _parquet_bytes(self, blocks: list[pa.Table], metadata: dict[str, Any]) -> bytes:
-        return to_parquet_bytes(blocks, metadata)
+    # -- helpers of the chunk steps ------------------------------------------------------
 
     def _batch(
         self, chunk: list[tuple[ImageRecord, np.ndarray]]
@@ -192,21 +204,3 @@ class ShardWorker:
         if device.type != "cuda" or not torch.cuda.is_available():
             return images
         return images.pin_memory().to(device, non_blocking=True)
-
-    def _certify_chunk(
-        self,
-        context: RowContext,
-        chunk: list[tuple[ImageRecord, np.ndarray]],
-        certified: dict[str, int],
-    ) -> list[pa.Table]:
-        ids, labels, images = self._batch(chunk)
-        blocks = []
-        outcomes = self.certifiers.certify(images, labels)  # stems and M(x) shared
-        for (patch_px, method), outcome in zip(self.keys, outcomes):
-            latency = 1000.0 * outcome.seconds / len(chunk)
-            result = as_arrays(outcome.result)
-            certified[f"{patch_px}px/{method}"] += int(result["certified"].sum())
-            blocks.append(certificate_rows(context, ids, labels.tolist(), method, patch_px, result,
-                                           latency, with_mask_map=self.settings.run.full_map))
-        return blocks
-

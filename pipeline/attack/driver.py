@@ -1,5 +1,6 @@
-"""``scalecert attack``: the certify driver's plan, resume, actor pool and read-back, with the
-attack worker.
+"""``scalecert attack``: the shared run (:func:`pipeline.run.driver.run_job`: plan, resume,
+actor pool, read-back) with the attack worker; its rows are attack rows in ``<out>/attacks/``,
+and its options enter the fingerprint and the manifest.
 
 Before the shards run, ``--attack universal`` trains one patch per (patch size, method) on
 ``--universal-data`` in the driver (the paper's Eq. 3) and keeps it in
@@ -18,9 +19,11 @@ from pipeline.compute.batches import load_spread
 from pipeline.compute.models import load_stored_model
 from pipeline.io import storage
 from pipeline.io.images import Preprocess
-from pipeline.run.attack_config import AttackRun
-from pipeline.run.attack_worker import AttackSettings, AttackShardWorker, universal_key
-from pipeline.run.driver import Plan, RunSummary, run_certification
+from pipeline.attack.config import AttackOptions, AttackRun
+from pipeline.attack.worker import AttackSettings, AttackWorker, universal_key
+from pipeline.io.attack_rows import ATTACK_ROWS
+from pipeline.run.driver import RunSummary, run_job
+from pipeline.run.plan import Job, Plan
 from pipeline.run.worker import ShardSummary
 from scalecert.attack_registry import attack_info
 from scalecert.attacks import train_universal_patch
@@ -31,11 +34,11 @@ def universal_location(out: str, patch_px: int, method: str) -> str:
     return storage.join(out, "universal", f"{patch_px}px-{method}.json")
 
 
-def universal_patches(plan: Plan, log: Callable[[str], None]) -> dict[str, Any]:
+def universal_patches(plan: Plan, options: AttackOptions,
+                      log: Callable[[str], None]) -> dict[str, Any]:
     """The universal patch of every (patch size, method): read back when this run already
     trained it (same fingerprint), else trained on ``--universal-data`` and written."""
-    options = plan.attack
-    if options is None or not attack_info(options.attack).trains_patch:
+    if not attack_info(options.attack).trains_patch:
         return {}
     run = plan.run
     s3 = storage.S3Options(endpoint=run.s3_endpoint)
@@ -82,17 +85,19 @@ def run_attack(
     on_plan: Callable[[Plan, list[int]], None] | None = None,
     log: Callable[[str], None] = lambda line: None,
 ) -> RunSummary:
-    """The certify run's plan, output check and Ray pool with the attack worker; a universal
-    patch is trained (or read back) before any shard. The rows it returns are audited by the
-    caller (:mod:`pipeline.report.attacks`)."""
+    """The shared run with the attack worker; a universal patch is trained (or read back)
+    before any shard. The rows it returns are audited by the caller
+    (:mod:`pipeline.report.attacks`)."""
+    options = attack_run.options
 
     def worker(plan: Plan) -> tuple[type, tuple]:
-        target = attack_run.options.target
+        target = options.target
         if target is not None and target >= plan.num_classes:
             raise InvalidOption(f"--target: class {target} is not among the model's "
                                 f"{plan.num_classes} classes (0 to {plan.num_classes - 1})")
-        settings = AttackSettings(attack_run.options, universal_patches(plan, log))
-        return AttackShardWorker, (settings,)
+        return AttackWorker, (AttackSettings(options, universal_patches(plan, options, log)),)
 
-    return run_certification(attack_run.run, progress, on_plan, attack=attack_run.options,
-                             worker=worker)
+    job = Job(rows=ATTACK_ROWS, worker=worker,
+              fingerprint={"attack": options.fingerprint_fields()},
+              manifest={"job": "attack", "attack": options.to_dict()})
+    return run_job(attack_run.run, job, progress, on_plan)

@@ -1,7 +1,8 @@
-"""The attack shard worker: certifies each clean image, attacks it, runs the defense on the
-attacked image, and writes one attack row per (image, patch size, method).
+"""``scalecert attack``'s worker: certifies each clean image, attacks it, runs the defense on
+the attacked image, and makes one attack row per (image, patch size, method)
+(:mod:`pipeline.io.attack_rows`).
 
-It is the certify worker (:class:`~pipeline.run.worker.ShardWorker`: model loaded once,
+It is the shard worker (:class:`~pipeline.run.worker.ShardWorker`: model loaded once,
 decoding a chunk ahead, atomic Parquet per shard) with its own chunk step, rows and folder.
 """
 
@@ -15,16 +16,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from pipeline.attack.config import AttackOptions
 from pipeline.compute.batches import as_arrays
-from pipeline.io.attack_rows import (
-    ATTACK_SCHEMA,
-    attack_error_rows,
-    attack_part_location,
-    attack_rows,
-)
-from pipeline.io.certificates import RowContext, to_parquet_bytes
+from pipeline.io.attack_rows import ATTACK_ROWS, attack_error_rows, attack_rows
+from pipeline.io.certificates import RowContext
 from pipeline.io.sources import ImageRecord
-from pipeline.run.attack_config import AttackOptions
 from pipeline.run.worker import ShardWorker, WorkerSettings
 from scalecert.attack_registry import attack_info
 from scalecert.attacks import attack_images
@@ -43,8 +39,11 @@ def universal_key(patch_px: int, method: str) -> str:
     return f"{patch_px}px/{method}"
 
 
-class AttackShardWorker(ShardWorker):
-    """Attacks shards with one model held in memory."""
+class AttackWorker(ShardWorker):
+    """Attacks shards with one model held in memory: one attack row per image x patch size x
+    method, in ``<out>/attacks/``."""
+
+    rows = ATTACK_ROWS
 
     def __init__(self, settings: WorkerSettings, attack: AttackSettings) -> None:
         self.attack = attack
@@ -55,18 +54,11 @@ class AttackShardWorker(ShardWorker):
             "target": options.target}
         super().__init__(settings)
 
-    def _location(self, shard: int) -> str:
-        return attack_part_location(self.settings.run.out, shard)
-
     def _error_rows(self, context: RowContext, record: ImageRecord, reason: str) -> pa.Table:
         keys = [(self.attack.options.attack, px, method) for px, method in self.keys]
         return attack_error_rows(context, record.image_id, record.label, reason, keys)
 
-    def _parquet_bytes(self, blocks: list[pa.Table], metadata: dict[str, Any]) -> bytes:
-        return to_parquet_bytes(blocks, metadata, ATTACK_SCHEMA,
-                                ("image_id", "attack", "patch_px", "method"))
-
-    def _certify_chunk(
+    def _chunk_rows(
         self,
         context: RowContext,
         chunk: list[tuple[ImageRecord, np.ndarray]],

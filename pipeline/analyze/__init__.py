@@ -1,0 +1,1 @@
+"""``scalecert analyze``: its options and its run (in this process, no Ray)."""

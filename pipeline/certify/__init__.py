@@ -1,0 +1,1 @@
+"""``scalecert certify``: its worker (certificate rows) and its run on the shared driver."""
