@@ -12,7 +12,7 @@ import click
 from scalecert import __version__
 from scalecert.attack_registry import available_attacks, describe_attacks
 from scalecert.config import WINDOW_LAYOUTS
-from scalecert.errors import Refusal
+from scalecert.errors import EnvironmentFault, Refusal
 from scalecert.methods.registry import available_methods
 
 
@@ -52,10 +52,52 @@ def _defaults() -> dict[str, Any]:
             "g_batch": {device: default_batch_size(device) for device in ("cpu", "cuda")}}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+# Exit codes besides click's (1: refused or failed, 2: bad usage).
+EXIT_AUDIT_FAILED = 3
+EXIT_INCOMPLETE = 4
+EXIT_ENVIRONMENT = 5  # storage, endpoint or credentials failed; a rerun resumes
+
+
+class EnvironmentFailed(click.ClickException):
+    """An environment failure as the command line reports it: one line, exit 5."""
+
+    exit_code = EXIT_ENVIRONMENT
+
+
+def _refused(exc: Refusal, prefix: str = "") -> click.ClickException:
+    """The one-line error for a refusal; an environment failure exits with its own code."""
+    kind = EnvironmentFailed if isinstance(exc, EnvironmentFault) else click.ClickException
+    return kind(f"{prefix}{exc}")
+
+
+class _Commands(click.Group):
+    """The command group; an environment failure that no command turned into its message
+    (say, a disk filling up under a library call) still ends as one line and exit 5, naming
+    the file when the error does."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from pipeline.io.faults import environment_cause
+
+        try:
+            return super().invoke(ctx)
+        except EnvironmentFault as exc:
+            raise _refused(exc) from None
+        except OSError as exc:
+            cause = environment_cause(exc)
+            if cause is None:
+                raise
+            where = exc.filename if exc.filename is not None else "a local file"
+            raise EnvironmentFailed(f"{where}: {cause}") from None
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="scalecert")
 def main() -> None:
-    """Certify image classifiers against adversarial patches (ScaleCert), at scale."""
+    """Certify image classifiers against adversarial patches (ScaleCert), at scale.
+
+    Exit codes: 0 ok; 1 refused or failed; 2 bad usage; 3 audit failed; 4 shards missing
+    (report); 5 the environment failed (storage, endpoint, credentials): nothing half-written
+    is kept, and rerunning the same command resumes."""
 
 
 @main.command("models")
@@ -222,7 +264,7 @@ def _run_and_report(run: Any, quiet: bool) -> None:
     try:
         summary = run_certification(run, progress=progress.shard_done, on_plan=progress.start)
     except Refusal as exc:
-        raise click.ClickException(str(exc)) from None
+        raise _refused(exc) from None
     finally:
         progress.close()
     _echo_summary(run.out, summary)
@@ -273,7 +315,7 @@ def attack_command(config_path: str | None, quiet: bool, **options: Any) -> None
         summary = run_attack(attack_run, progress=progress.shard_done, on_plan=progress.start,
                              log=click.echo)
     except Refusal as exc:
-        raise click.ClickException(str(exc)) from None
+        raise _refused(exc) from None
     finally:
         progress.close()
     _echo_summary(run.out, summary)
@@ -304,7 +346,7 @@ def _attack_report(run: str, out_dir: str | None, s3: Any) -> None:
         figures = attack_figures(stored.table)
         written = write_attack_report(out_dir or run, stored, figures, s3)
     except Refusal as exc:
-        raise click.ClickException(str(exc)) from None
+        raise _refused(exc) from None
     for g in figures:
         click.echo(f"  {g.attack} on {g.attack_model}, {g.method:<10} {g.patch_px:>3} px: fools "
                    f"the undefended model {pct(g.undefended_success.to_dict())}, M "
@@ -376,7 +418,7 @@ def analyze_command(config_path: str | None, **options: Any) -> None:
         written = write_analysis(run.run.out, stats,
                                  storage.S3Options(endpoint=run.run.s3_endpoint))
     except Refusal as exc:
-        raise click.ClickException(str(exc)) from None
+        raise _refused(exc) from None
     for line in summary_lines(stats):
         click.echo(line)
     click.echo("wrote " + ", ".join(written))
@@ -447,7 +489,7 @@ def finetune_command(config_path: str | None, quiet: bool, **options: Any) -> No
     try:
         summary = run_finetune(run, on_event=progress.event)
     except Refusal as exc:
-        raise click.ClickException(str(exc)) from None
+        raise _refused(exc) from None
     finally:
         progress.close()
     if summary.already_done:
@@ -495,10 +537,6 @@ def demo_command(out: str, workdir: str, quiet: bool) -> None:
     click.echo(f"open {storage.join(out, 'report.html')} to see what the run found")
 
 
-EXIT_AUDIT_FAILED = 3
-EXIT_INCOMPLETE = 4
-
-
 @main.command("report")
 @click.argument("run")
 @click.option("--against", help="Earlier run of the same images: audit diff against it.")
@@ -527,6 +565,7 @@ def report_command(run: str, against: str | None, max_drop: float, archive: str 
     when a certified image was fooled.
     """
     from pipeline.io import storage
+    from pipeline.io.preflight import check_locations
     from pipeline.report.archive import archive_run
     from pipeline.report.figures import build_report
     from pipeline.report.published import load_published
@@ -544,12 +583,15 @@ def report_command(run: str, against: str | None, max_drop: float, archive: str 
         _attack_report(run, out_dir, s3)
         return
     try:
+        check_locations(out_dir or run, (("RUN", run), ("--against", against)), s3)
+        if archive and storage.is_s3(archive):  # archive_run refuses other schemes itself
+            storage.probe_writable(archive, s3)
         data = load_run(run, s3)
         previous = load_run(against, s3) if against else None
         report = build_report(data, load_published(), previous, max_drop, worst)
         written = write_report(report, out_dir or run, s3, thumbnails)
     except Refusal as exc:
-        raise click.ClickException(str(exc)) from None
+        raise _refused(exc) from None
     comp = report["completeness"]
     click.echo(f"run {report['run']['run_id']}: {comp['images_listed']} images, "
                f"{comp['shards_present']}/{comp['shards_listed']} shards, "
@@ -584,7 +626,7 @@ def report_command(run: str, against: str | None, max_drop: float, archive: str 
                 click.echo(f"note: reports in {out_dir} are not inside the run folder and were "
                            "not archived")
         except Refusal as exc:
-            raise click.ClickException(f"archive: {exc}") from None
+            raise _refused(exc, "archive: ") from None
         click.echo(f"archived {result.verified} objects to {result.uri} ({len(result.uploaded)} "
                    f"uploaded, {len(result.unchanged)} unchanged, all verified)")
     if diff is not None and diff["failed"]:

@@ -108,7 +108,8 @@ def test_options_the_model_checks_are_refused_before_any_image_is_read(
     """The model (random weights) is loaded, then these fail before the (empty) data folder
     is listed: no images, no output."""
     out = tmp_path / "analysis"
-    code, output = analyze("--data", str(tmp_path / "no-such-folder"), "--model",
+    (tmp_path / "empty").mkdir()
+    code, output = analyze("--data", str(tmp_path / "empty"), "--model",
                            "cifar_resnet20", "--patch", "5", "--out", str(out), *flags)
     assert code == 1 and message in output, output
     assert not out.exists()

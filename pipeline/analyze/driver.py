@@ -16,7 +16,7 @@ from torch import nn
 from pipeline.analyze.config import AnalyzeRun
 from pipeline.compute.batches import load_spread
 from pipeline.compute.models import as_flag_message, load_stored_model
-from pipeline.io import storage
+from pipeline.io import preflight, storage
 from pipeline.io.images import Preprocess
 from pipeline.options import require
 from scalecert import __version__
@@ -33,6 +33,7 @@ def run_analysis(run: AnalyzeRun, log: Callable[[str], None] = lambda line: None
     started = time.perf_counter()
     config = run.run
     s3 = storage.S3Options(endpoint=config.s3_endpoint)
+    preflight.check_locations(config.out, config.reads(), s3)
     try:  # the model and its weights are checked before any image is read
         model = load_stored_model(config.model, config.checkpoint, s3,
                                   preprocessing=config.preprocessing())

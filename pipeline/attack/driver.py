@@ -99,5 +99,6 @@ def run_attack(
 
     job = Job(rows=ATTACK_ROWS, worker=worker,
               fingerprint={"attack": options.fingerprint_fields()},
-              manifest={"job": "attack", "attack": options.to_dict()})
+              manifest={"job": "attack", "attack": options.to_dict()},
+              reads=(("--universal-data", options.universal_data),))
     return run_job(attack_run.run, job, progress, on_plan)

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.io import storage
+from pipeline.io import faults, storage
 
 METADATA_KEY = b"scalecert"
 
@@ -225,7 +225,7 @@ def to_parquet_bytes(
 def read_metadata(location: str, s3: storage.S3Options | None = None) -> dict[str, Any]:
     """The run metadata stored in the certificate file at ``location`` (empty if none)."""
     filesystem, path = storage.resolve(location, s3)
-    with filesystem.open_input_file(path) as source:
+    with faults.at(location), filesystem.open_input_file(path) as source:
         return _metadata(pq.read_schema(source))
 
 
@@ -263,5 +263,5 @@ def read_table(location: str, s3: storage.S3Options | None = None) -> pa.Table:
     can release a Python-owned buffer while the interpreter exits, which aborts the process
     (seen at the end of `ray job submit` runs)."""
     filesystem, path = storage.resolve(location, s3)
-    with filesystem.open_input_file(path) as source:
+    with faults.at(location), filesystem.open_input_file(path) as source:
         return pq.read_table(source)

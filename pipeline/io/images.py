@@ -22,7 +22,7 @@ from PIL import Image, UnidentifiedImageError
 
 from pipeline.io import storage
 from pipeline.io.sources import ImageRecord
-from scalecert.errors import InvalidOption
+from scalecert.errors import EnvironmentFault, InvalidOption
 
 MIN_SIDE = 8
 KINDS = ("resize", "exact")
@@ -217,6 +217,13 @@ def read_labelled(
     ``with_sha256``: also hash the bytes (``sha256`` stays None otherwise)."""
     try:
         data = storage.read_bytes(record.location, s3)
+    except EnvironmentFault as exc:
+        # The store failing (a disk error, S3 unreachable or denying) is no fault of the image:
+        # it stops the shard, which a rerun redoes. A local file that this user may not read
+        # is the file's own problem, as a missing or corrupt one is.
+        if not isinstance(exc.__cause__, PermissionError) or storage.is_s3(record.location):
+            raise
+        return ReadOutcome(None, f"cannot read {record.location}: {exc.problem}", None)
     except OSError as exc:
         return ReadOutcome(None, f"cannot read {record.location}: {exc}", None)
     digest = hashlib.sha256(data).hexdigest() if with_sha256 else None

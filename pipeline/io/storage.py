@@ -4,6 +4,11 @@ Everything in the pipeline that reads or writes (dataset listing, image bytes, m
 Parquet shards) goes through :func:`resolve`, so S3-compatible stores (MinIO, moto, Ceph) work
 everywhere once an endpoint is given. Filesystems are built per call (cheap: no I/O), so there
 is no module-level cache to go stale across processes or credential changes.
+
+Failures of the environment (a full disk, a denied folder, a missing bucket, an endpoint that
+does not answer) leave every function here as an :class:`~scalecert.errors.EnvironmentFault`
+naming the location (:mod:`pipeline.io.faults`); S3 requests are retried with backoff first
+(:class:`S3Options`).
 """
 
 from __future__ import annotations
@@ -17,11 +22,26 @@ from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
-from scalecert.errors import InvalidOption, MissingInput
+from pipeline.io import faults
+from scalecert.errors import EnvironmentFault, InvalidOption, MissingInput
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 _S3_PREFIX = "s3://"
 DEFAULT_REGION = "us-east-1"
+DEFAULT_S3_ATTEMPTS = 6  # tries per S3 request: backoff up to about 30 s before giving up
+PROBE_PREFIX = ".scalecert-probe-"  # the object a preflight writes and deletes
+
+
+def s3_attempts() -> int:
+    """Tries per S3 request (the first and the retries), from ``AWS_MAX_ATTEMPTS`` as the AWS
+    SDKs read it, else :data:`DEFAULT_S3_ATTEMPTS`."""
+    text = os.environ.get("AWS_MAX_ATTEMPTS", "").strip()
+    if not text:
+        return DEFAULT_S3_ATTEMPTS
+    if not text.isdigit() or not 1 <= int(text) <= 20:
+        raise InvalidOption(f"AWS_MAX_ATTEMPTS={text!r}: expected a whole number from 1 to 20 "
+                            "(tries per S3 request)")
+    return int(text)
 
 
 @dataclass(frozen=True)
@@ -34,6 +54,12 @@ class S3Options:
     ``AWS_DEFAULT_REGION`` / ``AWS_REGION`` (default us-east-1); credentials the usual AWS way
     (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN``, profiles,
     instance roles), read by pyarrow.
+
+    Every request (pyarrow's and boto3's) is tried up to ``AWS_MAX_ATTEMPTS`` times (default
+    :data:`DEFAULT_S3_ATTEMPTS`) with the AWS SDKs' standard retry: exponential backoff with
+    jitter, each wait at most 20 s, on throttling (503 SlowDown), other 5xx replies, timeouts
+    and dropped or refused connections. Errors that retrying cannot mend (no such bucket,
+    access denied) fail at once.
     """
 
     endpoint: str | None = None
@@ -59,19 +85,25 @@ class S3Options:
         # allow_delayed_open: without it pyarrow starts a multipart upload (3 requests) for every
         # output stream, however small; with it, small writes are one PutObject. Reads still
         # check existence on open.
+        retry = pafs.AwsStandardS3RetryStrategy(max_attempts=s3_attempts())
         if endpoint is None:
-            return pafs.S3FileSystem(region=self.region(), allow_delayed_open=True)
+            return pafs.S3FileSystem(region=self.region(), allow_delayed_open=True,
+                                     retry_strategy=retry)
         scheme, host = _parse_endpoint(endpoint)
         return pafs.S3FileSystem(
-            endpoint_override=host, scheme=scheme, region=self.region(), allow_delayed_open=True
+            endpoint_override=host, scheme=scheme, region=self.region(), allow_delayed_open=True,
+            retry_strategy=retry,
         )
 
     def client(self) -> Any:
         """A boto3 S3 client for the same endpoint and region (the archive needs PutObject with
         Content-MD5 and HeadObject, which pyarrow does not expose)."""
         import boto3
+        from botocore.config import Config
 
-        return boto3.client("s3", endpoint_url=self.resolved_endpoint(), region_name=self.region())
+        retries = {"max_attempts": s3_attempts(), "mode": "standard"}
+        return boto3.client("s3", endpoint_url=self.resolved_endpoint(), region_name=self.region(),
+                            config=Config(retries=retries))
 
 
 def _parse_endpoint(endpoint: str) -> tuple[str, str]:
@@ -156,15 +188,17 @@ def join(location: str, *parts: str) -> str:
 def read_bytes(location: str, s3: S3Options | None = None) -> bytes:
     """The whole content of a file; FileNotFoundError naming the location when it is absent."""
     fs, path = resolve(location, s3)
-    try:
-        with fs.open_input_stream(path) as stream:
-            return stream.read()
-    except FileNotFoundError as exc:
-        raise MissingInput(f"{location}: no such file") from exc
-    except OSError as exc:  # pyarrow reports a folder as a plain OSError
-        if fs.get_file_info(path).type == pafs.FileType.Directory:
-            raise IsADirectoryError(f"{location}: is a folder, not a file") from exc
-        raise
+    with faults.at(location):
+        try:
+            with fs.open_input_stream(path) as stream:
+                return stream.read()
+        except FileNotFoundError as exc:
+            raise MissingInput(f"{location}: no such file") from exc
+        except OSError as exc:  # pyarrow reports a folder as a plain OSError
+            if faults.environment_cause(exc) is None and \
+                    fs.get_file_info(path).type == pafs.FileType.Directory:
+                raise IsADirectoryError(f"{location}: is a folder, not a file") from exc
+            raise
 
 
 def read_text(location: str, s3: S3Options | None = None, encoding: str = "utf-8") -> str:
@@ -175,7 +209,8 @@ def read_text(location: str, s3: S3Options | None = None, encoding: str = "utf-8
 def exists(location: str, s3: S3Options | None = None) -> bool:
     """True when the location is a file or a folder (on S3: an object or a non-empty prefix)."""
     fs, path = resolve(location, s3)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
+    with faults.at(location):
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
 def list_files(location: str, s3: S3Options | None = None) -> list[str]:
@@ -186,16 +221,17 @@ def list_files(location: str, s3: S3Options | None = None) -> list[str]:
     NotADirectoryError, both naming the location.
     """
     fs, path = resolve(location, s3)
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.NotFound:
-        raise MissingInput(f"{location}: no such folder")
-    if info.type != pafs.FileType.Directory:
-        raise NotADirectoryError(f"{location}: is a file, expected a folder")
+    with faults.at(location):
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            raise MissingInput(f"{location}: no such folder")
+        if info.type != pafs.FileType.Directory:
+            raise NotADirectoryError(f"{location}: is a file, expected a folder")
+        try:
+            infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        except FileNotFoundError as exc:  # removed between the two calls
+            raise MissingInput(f"{location}: no such folder") from exc
     prefix = path.rstrip("/") + "/"
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-    except FileNotFoundError as exc:  # removed between the two calls
-        raise MissingInput(f"{location}: no such folder") from exc
     names = []
     for entry in infos:
         if entry.type != pafs.FileType.File:
@@ -216,10 +252,16 @@ def write_bytes_atomic(location: str, data: bytes, s3: S3Options | None = None) 
     visible on completion. A missing bucket is reported when the upload is sent.
     """
     fs, path = resolve(location, s3)
-    if is_s3(location):
-        with fs.open_output_stream(path) as stream:
-            stream.write(data)
-        return
+    with faults.at(location):
+        if is_s3(location):
+            with fs.open_output_stream(path) as stream:
+                stream.write(data)
+        else:
+            _write_local_atomic(path, data)
+
+
+def _write_local_atomic(path: str, data: bytes) -> None:
+    """:func:`write_bytes_atomic` on a local path: temporary file, fsync, rename."""
     folder, name = os.path.split(path)
     os.makedirs(folder, exist_ok=True)
     temp = os.path.join(folder, f".{name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
@@ -244,3 +286,44 @@ def write_text_atomic(
 ) -> None:
     """:func:`write_bytes_atomic` for text."""
     write_bytes_atomic(location, text.encode(encoding), s3)
+
+
+def delete(location: str, s3: S3Options | None = None) -> None:
+    """Remove a file; a file that is not there is no error. On S3 one DeleteObject (pyarrow's
+    would leave a marker object in place of an emptied "folder")."""
+    fs, path = resolve(location, s3)
+    with faults.at(location):
+        if is_s3(location):
+            bucket, _, key = path.partition("/")
+            (s3 or S3Options()).client().delete_object(Bucket=bucket, Key=key)
+            return
+        try:
+            fs.delete_file(path)
+        except FileNotFoundError:
+            pass
+
+
+def probe_writable(folder: str, s3: S3Options | None = None) -> None:
+    """Check that files can be written in ``folder`` (created if missing, as a run would):
+    write a small object there and delete it. An
+    :class:`~scalecert.errors.EnvironmentFault` names the folder and the cause."""
+    probe = join(folder, f"{PROBE_PREFIX}{uuid.uuid4().hex[:12]}")
+    created = [] if is_s3(folder) else _missing_folders(normalise(folder))
+    try:
+        write_bytes_atomic(probe, b"scalecert preflight: safe to delete\n", s3)
+        delete(probe, s3)
+    except EnvironmentFault as exc:
+        raise EnvironmentFault(folder, f"cannot write: {exc.problem}") from exc
+    finally:
+        for made in created:  # deepest first: a refused run leaves no folder behind
+            if os.path.isdir(made):
+                os.rmdir(made)
+
+
+def _missing_folders(path: str) -> list[str]:
+    """``path`` and its ancestors that do not exist yet, deepest first."""
+    missing = []
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing

@@ -21,7 +21,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.io import storage
+from pipeline.io import faults, storage
 from pipeline.io.sources import dataset_name
 from scalecert.errors import InvalidOption, RunFailed
 
@@ -107,11 +107,12 @@ def archive_run(run: str, prefix: str, s3: storage.S3Options | None = None) -> A
         md5 = hashlib.md5(data).hexdigest()
         sha256 = hashlib.sha256(data).hexdigest()
         key = f"{base}/{name}"
-        if _matches(_head(client, bucket, key), len(data), md5, sha256):
-            unchanged.append(name)
-        else:
-            client.put_object(Bucket=bucket, Key=key, Body=data, Metadata={"sha256": sha256},
-                              ContentMD5=base64.b64encode(hashlib.md5(data).digest()).decode())
-            uploaded.append(name)
-        _verify(client, bucket, key, len(data), md5, sha256)
+        with faults.at(f"{uri}/{name}"):  # boto3's errors, once its retries are used up
+            if _matches(_head(client, bucket, key), len(data), md5, sha256):
+                unchanged.append(name)
+            else:
+                client.put_object(Bucket=bucket, Key=key, Body=data, Metadata={"sha256": sha256},
+                                  ContentMD5=base64.b64encode(hashlib.md5(data).digest()).decode())
+                uploaded.append(name)
+            _verify(client, bucket, key, len(data), md5, sha256)
     return ArchiveResult(uri, tuple(uploaded), tuple(unchanged), len(names))

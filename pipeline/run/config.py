@@ -36,7 +36,7 @@ from pipeline.options import (
 from scalecert.certify import default_batch_size
 from scalecert.config import CertConfig
 from scalecert.methods.registry import available_methods
-from scalecert.models import Preprocessing
+from scalecert.models import Preprocessing, parse_spec
 from scalecert.precision import FastPath
 
 
@@ -140,6 +140,13 @@ class RunConfig:
     def cert_config(self, patch_px: int, method: str) -> CertConfig:
         """The library configuration for one (patch size in pixels, method)."""
         return cert_config(self, patch_px, method)
+
+    def reads(self) -> tuple[tuple[str, str | None], ...]:
+        """The locations the run reads, each with its flag (None: not given): what the
+        preflight checks before any work."""
+        return (("--data", self.data), ("--checkpoint", self.checkpoint),
+                ("--model", parse_spec(self.model).path),
+                ("--ground-truth", self.ground_truth), ("--synsets", self.synsets))
 
     def preprocessing(self) -> Preprocessing:
         """The preprocessing declared by ``--input-size`` ... ``--std`` (None fields: the

@@ -23,12 +23,13 @@ from typing import Any, Callable
 import pyarrow as pa
 
 from pipeline.compute.cluster import cluster_resources, init_ray, worker_layout
-from pipeline.io import storage
+from pipeline.io import preflight, storage
 from pipeline.io.certificates import read_parts
+from pipeline.io.faults import environment_fault
 from pipeline.run.config import RunConfig
 from pipeline.run.plan import Job, Plan, make_plan, prepare_output
 from pipeline.run.worker import ShardSummary
-from scalecert.errors import Refusal, RunFailed
+from scalecert.errors import EnvironmentFault, Refusal, RunFailed
 
 
 @dataclass(frozen=True)
@@ -152,9 +153,13 @@ def execute(
                 lost_attempt(shard, exc)
                 queue.insert(0, shard)
             except RayTaskError as exc:
-                # A refusal (the checkpoint changed since the plan): no retry can make the shard
-                # right, so the run stops with the worker's message; anything else is a bug and
-                # keeps its traceback.
+                # The environment failing (a full disk, S3 gone or denying, retries used up) or a
+                # refusal (the checkpoint changed since the plan): no retry now can make the
+                # shard right, so the run stops with the worker's message; anything else is a
+                # bug and keeps its traceback.
+                fault = environment_fault(exc)
+                if fault is not None:
+                    raise fault from None
                 if isinstance(exc.cause, Refusal):
                     raise exc.cause from None
                 raise
@@ -182,19 +187,39 @@ def run_job(
     import ray
 
     started = time.perf_counter()
+    s3 = storage.S3Options(endpoint=run.s3_endpoint)
+    # before the plan: it reads the checkpoint and lists the data, and writes the manifest
+    preflight.check_locations(run.out, (*run.reads(), *job.reads), s3)
     plan = make_plan(run, job)
     todo = prepare_output(plan)
+    warning = preflight.space_warning(run.out, plan.expected_bytes(todo))
+    if warning is not None:
+        print(warning, file=sys.stderr)
     if on_plan is not None:
         on_plan(plan, todo)
-    if todo:
-        actors = job.worker(plan)
-        owned = init_ray(run.address)
-        try:
-            execute(plan, todo, progress, worker=actors)
-        finally:
-            if owned:
-                ray.shutdown()
-    table = collect(plan)
+    written = len(plan.shards) - len(todo)
+
+    def shard_done(summary: ShardSummary) -> None:
+        nonlocal written
+        written += 1
+        if progress is not None:
+            progress(summary)
+
+    try:
+        if todo:
+            actors = job.worker(plan)
+            owned = init_ray(run.address)
+            try:
+                execute(plan, todo, shard_done, worker=actors)
+            finally:
+                if owned:
+                    ray.shutdown()
+        table = collect(plan)
+    except EnvironmentFault as fault:
+        raise EnvironmentFault(
+            fault.location, fault.problem,
+            f"the run stopped with {written} of {len(plan.shards)} shards written and kept in "
+            f"{run.out}; rerun the same command to resume") from fault
     errors = sum(1 for status in table.column("status").to_pylist() if status == "error")
     per_image = len(plan.patch_pixels) * len(run.methods)
     return RunSummary(

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.compute.models import as_flag_message, load_stored_model, model_fingerprint_fields
-from pipeline.io import storage
+from pipeline.io import preflight, storage
 from pipeline.io.certificates import PartFiles, read_metadata
 from pipeline.io.sources import Dataset, ImageRecord, listing_sha256, open_dataset
 from pipeline.run.config import RunConfig
@@ -46,12 +46,14 @@ class Job:
     rows: where and how its rows are kept (one Parquet file per shard). worker: made from the
     plan before any shard runs, the actor class and its arguments after the settings.
     fingerprint, manifest: what it adds to the run's fingerprint, and to ``manifest.json`` and
-    every part file's metadata (certify adds nothing)."""
+    every part file's metadata (certify adds nothing). reads: the locations it reads beyond
+    the run's (:meth:`RunConfig.reads`), as ``(flag, location)``, for the preflight."""
 
     rows: PartFiles
     worker: Callable[[Plan], tuple[type, tuple]]
     fingerprint: Mapping[str, Any] = field(default_factory=dict)
     manifest: Mapping[str, Any] = field(default_factory=dict)
+    reads: tuple[tuple[str, str | None], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,21 @@ class Plan:
             checkpoint_sha256=self.checkpoint_sha256, device=device, threads=threads,
             preprocessing=self.preprocessing, source_sha256=self.source_sha256,
             package_versions=self.package_versions)
+
+    def expected_bytes(self, todo: list[int]) -> int:
+        """About how many bytes the shards in ``todo`` will write (for the free-space
+        warning): each part file's schema and metadata, and its rows (with their full maps)."""
+        overhead = len(self.job.rows.parquet_bytes([], {**self.metadata(), "written_by": {}}))
+        masks = self.run.masks_per_axis ** 2
+        per_row = 0
+        if self.run.full_map:  # one-mask maps; recovery methods keep every pair too
+            recovery = any(method_info(m).guarantee == "recovery" for m in self.run.methods)
+            per_row = masks + (masks * (masks - 1) // 2 if recovery else 0)
+        rows_per_image = len(self.patch_pixels) * len(self.run.methods)
+        return sum(
+            preflight.shard_bytes((self.shards[i][1] - self.shards[i][0]) * rows_per_image,
+                                  len(self.job.rows.schema), per_row, overhead)
+            for i in todo)
 
     def metadata(self) -> dict[str, Any]:
         metadata = {"run_id": self.run_id, "fingerprint": self.fingerprint,

@@ -46,7 +46,7 @@ from pipeline.compute.cluster import (
     worker_layout,
 )
 from pipeline.compute.models import load_stored_model, model_fingerprint_fields
-from pipeline.io import storage
+from pipeline.io import preflight, storage
 from pipeline.io.images import Preprocess, read_labelled
 from pipeline.io.sources import Dataset, ImageRecord, listing_sha256, open_dataset
 from pipeline.train.config import FinetuneRun
@@ -397,6 +397,9 @@ def run_finetune(
                   eval_data=run.eval_data and storage.normalise(run.eval_data),
                   model=parse_spec(run.model).with_absolute_path().text)
     s3 = storage.S3Options(endpoint=run.s3_endpoint)
+    preflight.check_locations(run.out, (
+        ("--data", run.data), ("--eval-data", run.eval_data), ("--checkpoint", run.checkpoint),
+        ("--model", parse_spec(run.model).path)), s3)
     dataset = open_dataset(run.data, s3)
     records = dataset.records[:run.limit]
     dataset = Dataset(dataset.root, dataset.layout, dataset.classes, records)
