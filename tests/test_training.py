@@ -190,7 +190,7 @@ def test_missing_data_or_weights_fail_before_training(tiny_sets, tmp_path):
     with pytest.raises(FileNotFoundError):
         run_finetune(FinetuneRun(data=str(tmp_path / "nowhere"), model="cifar_resnet20",
                                  out=str(tmp_path / "o"), patch="5"))
-    with pytest.raises(FileNotFoundError, match="checkpoint: no such file"):
+    with pytest.raises(FileNotFoundError, match=r"^--checkpoint .*missing\.th: no such file"):
         run_finetune(FinetuneRun(data=str(train), model="cifar_resnet20", out=str(tmp_path / "o"),
                                  patch="5", checkpoint=str(tmp_path / "missing.th")))
     assert not (tmp_path / "o").exists()  # refused before anything was written

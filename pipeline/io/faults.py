@@ -104,7 +104,8 @@ def _own_cause(exc: BaseException) -> str | None:
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
-    """``exc`` and what it wraps: ``__cause__``, ``__context__``, Ray's ``cause``."""
+    """``exc`` and what it wraps: ``__cause__``, ``__context__``, Ray's ``cause`` (a task's
+    error) and ``worker_failures`` (Ray Train's, one per failed worker)."""
     seen: set[int] = set()
     pending = [exc]
     while pending:
@@ -113,9 +114,10 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
             continue
         seen.add(id(current))
         yield current
-        for inner in (getattr(current, "cause", None), current.__cause__, current.__context__):
-            if isinstance(inner, BaseException):
-                pending.append(inner)
+        failures = getattr(current, "worker_failures", None)
+        inner_ones = [getattr(current, "cause", None), current.__cause__, current.__context__,
+                      *(failures.values() if isinstance(failures, dict) else ())]
+        pending += [inner for inner in inner_ones if isinstance(inner, BaseException)]
 
 
 def environment_cause(exc: BaseException) -> str | None:

@@ -47,12 +47,13 @@ from pipeline.compute.cluster import (
 )
 from pipeline.compute.models import load_stored_model, model_fingerprint_fields
 from pipeline.io import preflight, storage
+from pipeline.io.faults import environment_fault
 from pipeline.io.images import Preprocess, read_labelled
 from pipeline.io.sources import Dataset, ImageRecord, listing_sha256, open_dataset
 from pipeline.train.config import FinetuneRun
 from scalecert import __version__
 from scalecert.certify import Certifier
-from scalecert.errors import InvalidOption, OutputConflict, RunFailed
+from scalecert.errors import EnvironmentFault, InvalidOption, OutputConflict, RunFailed
 from scalecert.models import Preprocessing, parse_spec
 from scalecert.models.registry import save_checkpoint
 from scalecert.training import (
@@ -511,5 +512,10 @@ def _fit_or_explain(trainer: Any) -> Any:
     try:
         return trainer.fit()
     except TrainingFailedError as exc:
+        fault = environment_fault(exc)
+        if fault is not None:  # a full disk, S3 gone: the epochs checkpointed so far are kept
+            raise EnvironmentFault(fault.location, fault.problem,
+                                   "training stopped; rerun the same command to resume from "
+                                   "its last checkpointed epoch") from exc
         print(f"training failed: {exc}", file=sys.stderr)
         raise RunFailed(f"training failed: {exc}") from exc
