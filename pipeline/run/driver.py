@@ -2,6 +2,10 @@
 actors, retries, read-back and summary. Each job brings a :class:`~pipeline.run.plan.Job`
 (its rows, its worker, what it adds to the fingerprint and the manifest) to :func:`run_job`.
 
+0. Preflight (:mod:`pipeline.io.preflight`): the output takes a file, the inputs can be
+   read; a local disk short of space is warned about once the plan says how much is written.
+   A failure of the environment, then or later, is an ``EnvironmentFault``; once shards have
+   run it says how many are kept.
 1. Plan and output (:mod:`pipeline.run.plan`): the model checked, the data listed and cut
    into shards, the fingerprint; ``manifest.json`` written or checked; finished shards
    skipped (resume).
@@ -180,8 +184,8 @@ def run_job(
     run: RunConfig, job: Job, progress: Callable[[ShardSummary], None] | None = None,
     on_plan: Callable[[Plan, list[int]], None] | None = None,
 ) -> RunSummary:
-    """Plan, check the output, run the missing shards on Ray and summarise: every sharded
-    job's run (``scalecert certify``: :func:`pipeline.certify.driver.run_certification`;
+    """Check the locations (:mod:`pipeline.io.preflight`), plan, check the output, run the
+    missing shards on Ray and summarise: every sharded job's run (``scalecert certify``: :func:`pipeline.certify.driver.run_certification`;
     ``scalecert attack``: :func:`pipeline.attack.driver.run_attack`). The job's worker is made
     from the plan before any shard runs."""
     import ray
