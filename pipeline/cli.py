@@ -565,7 +565,7 @@ def report_command(run: str, against: str | None, max_drop: float, archive: str 
     when a certified image was fooled.
     """
     from pipeline.io import storage
-    from pipeline.io.preflight import check_locations
+    from pipeline.io.preflight import check_locations, check_writable
     from pipeline.report.archive import archive_run
     from pipeline.report.figures import build_report
     from pipeline.report.published import load_published
@@ -585,7 +585,7 @@ def report_command(run: str, against: str | None, max_drop: float, archive: str 
     try:
         check_locations(out_dir or run, (("RUN", run), ("--against", against)), s3)
         if archive and storage.is_s3(archive):  # archive_run refuses other schemes itself
-            storage.probe_writable(archive, s3)
+            check_writable(archive, s3)
         data = load_run(run, s3)
         previous = load_run(against, s3) if against else None
         report = build_report(data, load_published(), previous, max_drop, worst)

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import uuid
 from collections.abc import Iterable
 
 import pyarrow.fs as pafs
 
 from pipeline.io import faults, storage
-from scalecert.errors import MissingInput
+from scalecert.errors import EnvironmentFault, MissingInput
+
+PROBE_PREFIX = ".scalecert-probe-"  # the object a preflight writes and deletes
 
 # What a part file takes, generously: each column chunk's header and statistics, each row
 # (about 20 bytes measured on CIFAR-10 runs, zstd), each stored prediction of a full map,
@@ -25,6 +28,24 @@ COLUMN_BYTES = 150
 ROW_BYTES = 64
 MAP_ENTRY_BYTES = 4
 BLOCK_BYTES = 4096
+
+
+def check_writable(folder: str, s3: storage.S3Options | None) -> None:
+    """Files can be written in ``folder`` (created if missing, as a run would): a small object
+    is written there and deleted, and local folders made for it are removed again, so a
+    refused run leaves nothing. An :class:`~scalecert.errors.EnvironmentFault` names the
+    folder and the cause."""
+    probe = storage.join(folder, f"{PROBE_PREFIX}{uuid.uuid4().hex[:12]}")
+    created = [] if storage.is_s3(folder) else _missing_folders(storage.normalise(folder))
+    try:
+        storage.write_bytes_atomic(probe, b"scalecert preflight: safe to delete\n", s3)
+        storage.delete(probe, s3)
+    except EnvironmentFault as exc:
+        raise EnvironmentFault(folder, f"cannot write: {exc.problem}") from exc
+    finally:
+        for made in created:  # deepest first
+            if os.path.isdir(made):
+                os.rmdir(made)
 
 
 def check_readable(location: str, s3: storage.S3Options | None, flag: str) -> None:
@@ -48,7 +69,7 @@ def check_locations(out: str | None, reads: Iterable[tuple[str, str | None]],
     """Before a job's work: its output folder ``out`` takes a file (a probe written and
     deleted), and each ``(flag, location)`` of ``reads`` that is given can be read."""
     if out is not None:
-        storage.probe_writable(out, s3)
+        check_writable(out, s3)
     for flag, location in reads:
         if location is not None:
             check_readable(location, s3, flag)
@@ -67,10 +88,9 @@ def space_warning(out: str, needed: int) -> str | None:
     ``needed`` bytes; None otherwise (S3, or room enough)."""
     if storage.is_s3(out):
         return None
-    folder = os.path.abspath(os.path.expanduser(out))
-    while not os.path.exists(folder):  # the run creates it: ask the file system it goes on
-        folder = os.path.dirname(folder)
-    free = shutil.disk_usage(folder).free
+    folder = storage.normalise(out)
+    missing = _missing_folders(folder)  # the run creates them: ask the file system they go on
+    free = shutil.disk_usage(os.path.dirname(missing[-1]) if missing else folder).free
     if free >= needed:
         return None
     return (f"warning: {out}: {_size(free)} free, and the run will write about {_size(needed)}; "
@@ -82,3 +102,12 @@ def _size(count: int) -> str:
         if count >= scale:
             return f"{count / scale:.1f} {unit}"
     return f"{count} bytes"
+
+
+def _missing_folders(path: str) -> list[str]:
+    """``path`` and its ancestors that do not exist yet, deepest first."""
+    missing = []
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing

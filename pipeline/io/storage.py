@@ -23,13 +23,12 @@ from urllib.parse import urlsplit
 import pyarrow.fs as pafs
 
 from pipeline.io import faults
-from scalecert.errors import EnvironmentFault, InvalidOption, MissingInput
+from scalecert.errors import InvalidOption, MissingInput
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 _S3_PREFIX = "s3://"
 DEFAULT_REGION = "us-east-1"
 DEFAULT_S3_ATTEMPTS = 6  # tries per S3 request: backoff up to about 30 s before giving up
-PROBE_PREFIX = ".scalecert-probe-"  # the object a preflight writes and deletes
 
 
 def s3_attempts() -> int:
@@ -302,28 +301,3 @@ def delete(location: str, s3: S3Options | None = None) -> None:
         except FileNotFoundError:
             pass
 
-
-def probe_writable(folder: str, s3: S3Options | None = None) -> None:
-    """Check that files can be written in ``folder`` (created if missing, as a run would):
-    write a small object there and delete it. An
-    :class:`~scalecert.errors.EnvironmentFault` names the folder and the cause."""
-    probe = join(folder, f"{PROBE_PREFIX}{uuid.uuid4().hex[:12]}")
-    created = [] if is_s3(folder) else _missing_folders(normalise(folder))
-    try:
-        write_bytes_atomic(probe, b"scalecert preflight: safe to delete\n", s3)
-        delete(probe, s3)
-    except EnvironmentFault as exc:
-        raise EnvironmentFault(folder, f"cannot write: {exc.problem}") from exc
-    finally:
-        for made in created:  # deepest first: a refused run leaves no folder behind
-            if os.path.isdir(made):
-                os.rmdir(made)
-
-
-def _missing_folders(path: str) -> list[str]:
-    """``path`` and its ancestors that do not exist yet, deepest first."""
-    missing = []
-    while not os.path.exists(path) and os.path.dirname(path) != path:
-        missing.append(path)
-        path = os.path.dirname(path)
-    return missing

@@ -185,9 +185,10 @@ def run_job(
     on_plan: Callable[[Plan, list[int]], None] | None = None,
 ) -> RunSummary:
     """Check the locations (:mod:`pipeline.io.preflight`), plan, check the output, run the
-    missing shards on Ray and summarise: every sharded job's run (``scalecert certify``: :func:`pipeline.certify.driver.run_certification`;
-    ``scalecert attack``: :func:`pipeline.attack.driver.run_attack`). The job's worker is made
-    from the plan before any shard runs."""
+    missing shards on Ray and summarise: every sharded job's run (``scalecert certify``:
+    :func:`pipeline.certify.driver.run_certification`; ``scalecert attack``:
+    :func:`pipeline.attack.driver.run_attack`). The job's worker is made from the plan before
+    any shard runs."""
     import ray
 
     started = time.perf_counter()

@@ -120,6 +120,12 @@ class FinetuneRun:
                     and math.isfinite(value), name.replace("_", "-"), f"a number, got {value!r}")
         self.finetune_config(32)  # the library validates the rest and names the field
 
+    def reads(self) -> tuple[tuple[str, str | None], ...]:
+        """The locations the run reads, each with its flag (None: not given): what the
+        preflight checks before any work."""
+        return (("--data", self.data), ("--eval-data", self.eval_data),
+                ("--checkpoint", self.checkpoint), ("--model", parse_spec(self.model).path))
+
     def preprocessing(self) -> Preprocessing:
         """The preprocessing declared by ``--input-size`` ... ``--std`` (None fields: the
         model's own)."""

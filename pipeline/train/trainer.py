@@ -398,9 +398,7 @@ def run_finetune(
                   eval_data=run.eval_data and storage.normalise(run.eval_data),
                   model=parse_spec(run.model).with_absolute_path().text)
     s3 = storage.S3Options(endpoint=run.s3_endpoint)
-    preflight.check_locations(run.out, (
-        ("--data", run.data), ("--eval-data", run.eval_data), ("--checkpoint", run.checkpoint),
-        ("--model", parse_spec(run.model).path)), s3)
+    preflight.check_locations(run.out, run.reads(), s3)
     dataset = open_dataset(run.data, s3)
     records = dataset.records[:run.limit]
     dataset = Dataset(dataset.root, dataset.layout, dataset.classes, records)
